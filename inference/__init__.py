@@ -1,0 +1,30 @@
+"""Model-facing code: prompts, engines and the worker thread. Never imports discord."""
+
+from .conversation import Conversation, PromptError, Turn, build_prompt, neutralise
+from .engine import Engine, EngineClosed, EngineError, GenerationError, GenerationRequest
+from .settings import InferenceSettings, SettingsError
+
+__all__ = [
+    "Conversation",
+    "Engine",
+    "EngineClosed",
+    "EngineError",
+    "GenerationError",
+    "GenerationRequest",
+    "InferenceSettings",
+    "PromptError",
+    "SettingsError",
+    "Turn",
+    "build_prompt",
+    "create_engine",
+    "neutralise",
+]
+
+
+def create_engine(settings: InferenceSettings) -> Engine:
+    """The engine named by `settings.engine` (imported lazily: torch is heavy)."""
+    if settings.engine == "local":
+        from .local_engine import LocalEngine
+
+        return LocalEngine(settings)
+    raise SettingsError(f"unknown ENGINE {settings.engine!r}")

@@ -1,0 +1,47 @@
+"""The small interface every engine implements; the bot sees nothing else.
+
+An engine takes a `GenerationRequest` and yields text pieces as they are generated.
+Closing the iterator (break, `aclose()`, or cancelling the task that iterates) cancels
+the request: it leaves the queue, or its generation stops within a token or two.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from typing import Protocol
+
+from .conversation import Conversation
+
+
+class EngineError(RuntimeError):
+    """A request could not be answered; the message is safe to show to a user."""
+
+
+class EngineClosed(EngineError):
+    """The engine is shutting down or was never started."""
+
+
+class GenerationError(EngineError):
+    """Generation failed inside the engine; `__cause__` holds the original exception."""
+
+
+@dataclass(frozen=True)
+class GenerationRequest:
+    conversation: Conversation
+    # None means "the engine's setting" for each of these.
+    max_new_tokens: int | None = None
+    temperature: float | None = None
+    num_crops: int | None = None
+
+
+class Engine(Protocol):
+    async def start(self) -> None:
+        """Load the model (or connect); returns when requests can be served."""
+
+    async def close(self) -> None:
+        """Stop serving: pending requests fail with `EngineClosed`; resources are freed."""
+
+    def stream(self, request: GenerationRequest) -> AsyncIterator[str]:
+        """The answer as text pieces, in order, ending when generation ends."""
+        ...

@@ -1,0 +1,91 @@
+"""Model-side settings, read from the environment (and `.env`, loaded by the entry points).
+
+The names are a contract with operators (README, `.env.example`); parsing fails loudly with
+the setting's name so a typo in `.env` is a one-line error instead of odd behaviour later.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+DEFAULT_MODEL_ID = "microsoft/Phi-3-vision-128k-instruct"
+ENGINES = ("local",)
+DTYPES = ("auto", "bfloat16", "float16", "float32")
+
+
+class SettingsError(ValueError):
+    """A setting has a value the program cannot use; the message names the setting."""
+
+
+def env_str(env: Mapping[str, str], name: str, default: str | None) -> str | None:
+    value = env.get(name, "").strip()
+    return value or default
+
+
+def env_int(env: Mapping[str, str], name: str, default: int | None, *, minimum: int = 0) -> int | None:
+    raw = env.get(name, "").strip()
+    if not raw:
+        return default
+    try:
+        value = int(raw)
+    except ValueError:
+        raise SettingsError(f"{name} must be a whole number, got {raw!r}") from None
+    if value < minimum:
+        raise SettingsError(f"{name} must be at least {minimum}, got {value}")
+    return value
+
+
+def env_float(env: Mapping[str, str], name: str, default: float, *, minimum: float = 0.0) -> float:
+    raw = env.get(name, "").strip()
+    if not raw:
+        return default
+    try:
+        value = float(raw)
+    except ValueError:
+        raise SettingsError(f"{name} must be a number, got {raw!r}") from None
+    if value < minimum:
+        raise SettingsError(f"{name} must be at least {minimum}, got {value}")
+    return value
+
+
+def env_choice(env: Mapping[str, str], name: str, default: str, choices: tuple[str, ...]) -> str:
+    value = (env.get(name, "").strip() or default).lower()
+    if value not in choices:
+        raise SettingsError(f"{name} must be one of {', '.join(choices)}; got {value!r}")
+    return value
+
+
+def check_device(value: str) -> str:
+    value = value.strip().lower()
+    if value in ("auto", "cpu", "cuda") or (value.startswith("cuda:") and value[5:].isdigit()):
+        return value
+    raise SettingsError(f"DEVICE must be auto, cpu, cuda or cuda:N; got {value!r}")
+
+
+@dataclass(frozen=True)
+class InferenceSettings:
+    model_id: str = DEFAULT_MODEL_ID
+    model_revision: str | None = None
+    device: str = "auto"
+    dtype: str = "auto"
+    # None follows the model cards' advice: 16 crops for one image, 4 when there are several.
+    num_crops: int | None = None
+    max_new_tokens: int = 1000
+    temperature: float = 0.0
+    engine: str = "local"
+
+    @classmethod
+    def from_env(cls, env: Mapping[str, str] | None = None) -> InferenceSettings:
+        env = os.environ if env is None else env
+        return cls(
+            model_id=env_str(env, "MODEL_ID", DEFAULT_MODEL_ID) or DEFAULT_MODEL_ID,
+            model_revision=env_str(env, "MODEL_REVISION", None),
+            device=check_device(env_str(env, "DEVICE", "auto") or "auto"),
+            dtype=env_choice(env, "DTYPE", "auto", DTYPES),
+            num_crops=env_int(env, "NUM_CROPS", None, minimum=1),
+            max_new_tokens=env_int(env, "MAX_NEW_TOKENS", 1000, minimum=1) or 1000,
+            temperature=env_float(env, "TEMPERATURE", 0.0),
+            engine=env_choice(env, "ENGINE", "local", ENGINES),
+        )
