@@ -1,0 +1,112 @@
+"""`python -m inference` as a person runs it: real subprocesses, a tiny model, drawn images."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from tests.synthetic_images import save_all
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture(scope="module")
+def pictures(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    return save_all(tmp_path_factory.mktemp("pictures"))
+
+
+def run_cli(*args: str, cwd: Path) -> subprocess.CompletedProcess[str]:
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+    return subprocess.run(
+        [sys.executable, "-m", "inference", *args],
+        cwd=cwd,
+        env=env,
+        stdin=subprocess.DEVNULL,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+
+
+def test_answers_about_a_chart(pictures: dict[str, Path], tiny_model_dir: Path, tmp_path: Path) -> None:
+    result = run_cli(
+        str(pictures["chart.png"]),
+        "--question",
+        "Say hello",
+        "--model",
+        str(tiny_model_dir),
+        "--device",
+        "cpu",
+        cwd=tmp_path,
+    )
+    assert result.returncode == 0, result.stderr
+    assert result.stdout == "Hello there, my friend! How are you today?\n"
+
+
+def test_compares_two_team_photos(pictures: dict[str, Path], tiny_model_dir: Path, tmp_path: Path) -> None:
+    result = run_cli(
+        str(pictures["team1.jpg"]),
+        str(pictures["team2.jpg"]),
+        "--question",
+        "count images",
+        "--model",
+        str(tiny_model_dir),
+        "--device",
+        "cpu",
+        cwd=tmp_path,
+    )
+    assert result.returncode == 0, result.stderr
+    assert result.stdout == "I see 2 images.\n"
+
+
+def test_max_new_tokens_limits_the_answer(
+    pictures: dict[str, Path], tiny_model_dir: Path, tmp_path: Path
+) -> None:
+    result = run_cli(
+        str(pictures["cover.jpg"]),
+        "--question",
+        "What is the title and the author of this book?",
+        "--model",
+        str(tiny_model_dir),
+        "--max-new-tokens",
+        "3",
+        cwd=tmp_path,
+    )
+    assert result.returncode == 0, result.stderr
+    assert 0 < len(result.stdout.strip()) < 60
+
+
+@pytest.mark.parametrize(
+    ("make_args", "code", "message"),
+    [
+        (lambda p, m: ["missing.png", "--question", "hi", "--model", m], 1, "image not found: missing.png"),
+        (lambda p, m: [str(p["notes"]), "--question", "hi", "--model", m], 1, "cannot read image"),
+        (
+            lambda p, m: [str(p["chart.png"]), "-q", "hi", "--model", m + "-gone", "--device", "cpu"],
+            1,
+            "cannot load model",
+        ),
+        (lambda p, m: [str(p["chart.png"]), "--model", m], 2, "no question"),
+        (
+            lambda p, m: [str(p["chart.png"]), "-q", "hi", "--model", m, "--device", "gpu"],
+            2,
+            "DEVICE must be",
+        ),
+    ],
+    ids=["missing-image", "not-an-image", "bad-model", "no-question", "bad-device"],
+)
+def test_mistakes_give_one_line_and_a_nonzero_exit(
+    make_args, code: int, message: str, pictures: dict[str, Path], tiny_model_dir: Path, tmp_path: Path
+) -> None:
+    notes = tmp_path / "notes.txt"
+    notes.write_text("not a picture")
+    result = run_cli(*make_args({**pictures, "notes": notes}, str(tiny_model_dir)), cwd=tmp_path)
+    assert result.returncode == code
+    assert result.stdout == ""
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1, result.stderr
+    assert lines[0].startswith("error: ") and message in lines[0]

@@ -1,0 +1,186 @@
+"""The local engine on a tiny model: streaming, stopping, limits, cancelling, errors."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+from collections.abc import AsyncIterator
+from dataclasses import replace
+from pathlib import Path
+
+import pytest
+from PIL import Image
+
+from inference import Conversation, EngineError, GenerationError, GenerationRequest, InferenceSettings, Turn
+from inference.loading import LoadedModel, ModelLoadError, load_model
+from inference.local_engine import LocalEngine
+
+pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
+
+
+def red() -> Image.Image:
+    return Image.new("RGB", (64, 48), "red")
+
+
+def ask(question: str, images: list[Image.Image] | None = None, **kwargs: object) -> GenerationRequest:
+    return GenerationRequest(Conversation.single(question, images or []), **kwargs)  # type: ignore[arg-type]
+
+
+async def collect(engine: LocalEngine, request: GenerationRequest) -> list[str]:
+    return [piece async for piece in engine.stream(request)]
+
+
+@pytest.fixture(scope="module")
+def settings(tiny_model_dir: Path) -> InferenceSettings:
+    return InferenceSettings(model_id=str(tiny_model_dir), device="cpu", max_new_tokens=64)
+
+
+@pytest.fixture
+async def engine(settings: InferenceSettings) -> AsyncIterator[LocalEngine]:
+    engine = LocalEngine(settings)
+    await engine.start()
+    yield engine
+    await engine.close()
+
+
+async def test_answer_streams_in_pieces_and_stops_at_end_of_turn(engine: LocalEngine) -> None:
+    pieces = await collect(engine, ask("Say hello", [red()]))
+    # The tiny model, like the real one, runs on past <|end|> when only eos stops it.
+    assert "".join(pieces) == "Hello there, my friend! How are you today?"
+    assert len(pieces) > 1
+
+
+async def test_text_only_question(engine: LocalEngine) -> None:
+    assert "".join(await collect(engine, ask("Say hello"))) == "Hello there, my friend! How are you today?"
+
+
+async def test_the_model_sees_every_image_of_the_conversation(engine: LocalEngine) -> None:
+    conversation = Conversation(
+        (
+            Turn("user", "What are these?", (red(), red())),
+            Turn("assistant", "Two red squares."),
+            Turn("user", "count images please", (red(),)),
+        )
+    )
+    text = "".join(await collect(engine, GenerationRequest(conversation)))
+    assert text == "I see 3 images."
+
+
+async def test_max_new_tokens_bounds_an_answer_that_never_ends(engine: LocalEngine) -> None:
+    tokenizer = engine.loaded.tokenizer  # type: ignore[union-attr]
+    short = "".join(await collect(engine, ask("ramble on", [red()], max_new_tokens=5)))
+    longer = "".join(await collect(engine, ask("ramble on", [red()], max_new_tokens=20)))
+    assert short and longer.startswith(short)
+    assert len(tokenizer(short, add_special_tokens=False).input_ids) <= 6
+    assert len(tokenizer(longer, add_special_tokens=False).input_ids) > 10
+
+
+async def test_greedy_answers_are_repeatable(engine: LocalEngine) -> None:
+    first = await collect(engine, ask("ramble on", [red()], max_new_tokens=12))
+    second = await collect(engine, ask("ramble on", [red()], max_new_tokens=12))
+    assert first == second
+
+
+async def test_cancelling_the_consumer_stops_the_generation_and_frees_the_worker(engine: LocalEngine) -> None:
+    # "slow story" takes 0.05 s a token for 400 tokens: 20 s if nothing stopped it.
+    stream = engine.stream(ask("slow story", max_new_tokens=400))
+    async with contextlib.aclosing(stream):
+        first = await anext(stream)
+    assert first
+    cancelled_at = time.monotonic()
+    assert "".join(await collect(engine, ask("Say hello"))).startswith("Hello")
+    assert time.monotonic() - cancelled_at < 5
+
+
+async def test_cancelling_the_task_stops_the_generation(engine: LocalEngine) -> None:
+    started = asyncio.Event()
+
+    async def consume() -> None:
+        async for _ in engine.stream(ask("slow story", max_new_tokens=400)):
+            started.set()
+
+    task = asyncio.create_task(consume())
+    await started.wait()
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    cancelled_at = time.monotonic()
+    await collect(engine, ask("Say hello"))
+    assert time.monotonic() - cancelled_at < 5
+
+
+async def test_requests_wait_their_turn_and_each_gets_its_own_answer(engine: LocalEngine) -> None:
+    answers = await asyncio.gather(
+        collect(engine, ask("Say hello")),
+        collect(engine, ask("count images", [red(), red()])),
+        collect(engine, ask("Say hello")),
+    )
+    assert ["".join(a) for a in answers] == [
+        "Hello there, my friend! How are you today?",
+        "I see 2 images.",
+        "Hello there, my friend! How are you today?",
+    ]
+
+
+async def test_event_loop_stays_free_during_generation(engine: LocalEngine) -> None:
+    gaps: list[float] = []
+    stop = asyncio.Event()
+
+    async def tick() -> None:
+        last = time.monotonic()
+        while not stop.is_set():
+            await asyncio.sleep(0.01)
+            now = time.monotonic()
+            gaps.append(now - last)
+            last = now
+
+    ticker = asyncio.create_task(tick())
+    await collect(engine, ask("slow story", [red()], max_new_tokens=30))
+    stop.set()
+    await ticker
+    assert len(gaps) > 50
+    assert max(gaps) < 0.5
+
+
+async def test_an_error_in_the_worker_reaches_the_caller_and_the_engine_goes_on(
+    settings: InferenceSettings,
+) -> None:
+    failing = {"on": True}
+
+    def loader(settings: InferenceSettings) -> LoadedModel:
+        loaded = load_model(settings)
+        generate = loaded.model.generate
+
+        def flaky_generate(*args: object, **kwargs: object) -> object:
+            if failing["on"]:
+                raise RuntimeError("CUDA out of memory. Tried to allocate 2.00 GiB")
+            return generate(*args, **kwargs)
+
+        loaded.model.generate = flaky_generate
+        return loaded
+
+    engine = LocalEngine(settings, loader=loader)
+    await engine.start()
+    try:
+        with pytest.raises(GenerationError, match="out of memory"):
+            await collect(engine, ask("Say hello", [red()]))
+        failing["on"] = False
+        assert "".join(await collect(engine, ask("Say hello", [red()]))).startswith("Hello")
+    finally:
+        await engine.close()
+
+
+async def test_a_model_that_cannot_be_loaded_fails_start(settings: InferenceSettings, tmp_path: Path) -> None:
+    engine = LocalEngine(replace(settings, model_id=str(tmp_path / "no-such-model")))
+    with pytest.raises(ModelLoadError, match="no-such-model"):
+        await engine.start()
+    await engine.close()
+
+
+async def test_a_closed_engine_refuses_requests(settings: InferenceSettings) -> None:
+    engine = LocalEngine(settings)
+    await engine.start()
+    await engine.close()
+    with pytest.raises(EngineError):
+        await collect(engine, ask("Say hello"))
