@@ -30,9 +30,11 @@ def hf_home() -> Iterator[Path]:
 
 LONG_CODE_ANSWER = (
     "Here is a long walk through the code.\n\n"
-    + "\n\n".join(f"Paragraph {n}: the image shows a chart with bars and text." * 3 for n in range(12))
+    + "\n\n".join(
+        " ".join([f"Paragraph {n}: the image shows a chart with bars and text."] * 3) for n in range(12)
+    )
     + "\n\n```python\n"
-    + "\n".join(f"def step_{n}(value):\n    return value * {n}  # multiply" for n in range(40))
+    + "\n".join(f"def step_{n}(value):\n    return value * {n}  # multiply" for n in range(70))
     + "\n```\n\nThat is all of it."
 )
 
@@ -45,6 +47,11 @@ SCRIPT: list[dict] = [
     {"when": "take three seconds", "reply": "thinking " * 30 + "done.", "seconds_per_token": 0.1},
     {"when": "ping everyone", "reply": "Hey @everyone and @here, look at <@1234567890> and <@&42>!"},
     {"when": "long answer please", "reply": LONG_CODE_ANSWER},
+    {"when": "Extract all the text", "reply": "ALONE\nMorgan Maxwell"},
+    {
+        "when": "What is difference",
+        "reply": "{images} images: the first team wears red, the second blue. They differ in shirts.",
+    },
 ]
 
 

@@ -1,0 +1,1 @@
+"""The Discord side: triggers, slash commands, attachments and streamed replies."""

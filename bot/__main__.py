@@ -1,0 +1,53 @@
+"""`python -m bot`: run the Discord bot with the settings from the environment and `.env`."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import sys
+
+import discord
+from dotenv import find_dotenv, load_dotenv
+
+from inference import SettingsError, create_engine
+
+from .client import SeeBot
+from .discord_api import use_api_base
+from .settings import BotSettings
+
+log = logging.getLogger("bot")
+
+
+async def run(settings: BotSettings) -> int:
+    if settings.api_base_url:
+        use_api_base(settings.api_base_url)
+    bot = SeeBot(settings, create_engine(settings.inference))
+    async with bot:
+        try:
+            await bot.start(settings.token)
+        except discord.LoginFailure as error:
+            log.error("Discord refused the token (%s): check DISCORD_TOKEN in .env", error)
+            return 1
+    return bot.exit_code
+
+
+def main() -> int:
+    load_dotenv(find_dotenv(usecwd=True))  # the .env of the directory you run it from
+    try:
+        settings = BotSettings.from_env()
+    except SettingsError as error:
+        sys.stderr.write(f"error: {error}\n")
+        return 2
+    logging.basicConfig(
+        level=settings.log_level,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        stream=sys.stderr,
+    )
+    try:
+        return asyncio.run(run(settings))
+    except KeyboardInterrupt:
+        return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

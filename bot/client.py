@@ -1,0 +1,224 @@
+"""The Discord client: who it answers, where, and with what conversation."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Sequence
+
+import discord
+from discord import app_commands
+from PIL import Image
+
+from inference import Conversation, Engine, Turn
+
+from .answering import answer, notice, unexpected_error_notice
+from .discord_api import use_gateway_of_api
+from .history import conversation_from_thread, images_of, question_text
+from .images import ImageProblem
+from .replies import EditableMessage
+from .settings import BotSettings
+
+log = logging.getLogger(__name__)
+
+NO_QUESTION = "Mention me with a question, and attach the image(s) it is about."
+THREAD_NAME_LIMIT = 100
+
+
+def thread_name(question: str) -> str:
+    name = " ".join(question.split())[:THREAD_NAME_LIMIT].strip()
+    return name or "Image question"
+
+
+class SeeBot(discord.Client):
+    def __init__(self, settings: BotSettings, engine: Engine) -> None:
+        intents = discord.Intents.default()
+        intents.message_content = True
+        super().__init__(intents=intents, allowed_mentions=discord.AllowedMentions.none())
+        self.settings = settings
+        self.engine = engine
+        self.tree = app_commands.CommandTree(self)
+        self.exit_code = 0
+        self._engine_ready = asyncio.Event()
+        self._engine_task: asyncio.Task[None] | None = None
+
+    async def setup_hook(self) -> None:
+        from .commands import register_commands
+
+        if self.settings.api_base_url:
+            await use_gateway_of_api(self)
+        # The model loads on the engine's worker thread while the gateway connects.
+        self._engine_task = asyncio.create_task(self._start_engine(), name="engine-start")
+        register_commands(self.tree, self)
+        self.tree.on_error = self._on_command_error
+        guild = discord.Object(self.settings.dev_guild_id) if self.settings.dev_guild_id else None
+        if guild is not None:
+            self.tree.copy_global_to(guild=guild)
+        synced = await self.tree.sync(guild=guild)
+        log.info("synced %d slash commands %s", len(synced), f"to guild {guild.id}" if guild else "globally")
+
+    async def _start_engine(self) -> None:
+        try:
+            await self.engine.start()
+        except Exception:
+            log.exception("the model could not be loaded; stopping")
+            self.exit_code = 1
+            await self.close()
+            return
+        log.info("model loaded; answering questions")
+        self._engine_ready.set()
+
+    async def close(self) -> None:
+        await super().close()
+        if self._engine_task is not None and not self._engine_task.done():
+            self._engine_task.cancel()
+        await self.engine.close()
+
+    async def on_ready(self) -> None:
+        assert self.user is not None
+        log.info("connected as %s (id %s) to %d servers", self.user, self.user.id, len(self.guilds))
+
+    async def wait_until_engine_ready(self) -> None:
+        await self._engine_ready.wait()
+
+    # --- messages -----------------------------------------------------------------------
+
+    async def on_message(self, message: discord.Message) -> None:
+        if message.author.bot or self.user is None:  # ourselves included
+            return
+        channel = message.channel
+        mentioned = self.user in message.mentions
+        try:
+            if isinstance(channel, discord.DMChannel):
+                await self._answer_message(message, message.channel)
+            elif isinstance(channel, discord.Thread):
+                if channel.owner_id == self.user.id:
+                    await self._answer_follow_up(message, channel)
+                elif mentioned:
+                    await self._answer_message(message, channel)
+            elif mentioned:
+                await self._answer_in_new_thread(message)
+        except ImageProblem as problem:
+            log.info("image problem from %s: %s", message.author.id, problem)
+            await message.channel.send(notice(str(problem)), reference=message)
+
+    async def _answer_in_new_thread(self, message: discord.Message) -> None:
+        question = question_text(message, self._my_id)
+        images = await images_of(message)
+        if not question and not images:
+            await message.reply(notice(NO_QUESTION))
+            return
+        if isinstance(message.channel, discord.TextChannel):
+            try:
+                thread = await message.create_thread(
+                    name=thread_name(question or "Image question"), auto_archive_duration=1440
+                )
+            except discord.HTTPException as error:
+                log.warning(
+                    "cannot create a thread in #%s (%s); replying in the channel", message.channel, error
+                )
+            else:
+                await self._respond(Conversation.single(question or self._default_question, images), thread)
+                return
+        await self._respond(
+            Conversation.single(question or self._default_question, images),
+            message.channel,
+            reference=message,
+        )
+
+    async def _answer_message(self, message: discord.Message, channel: discord.abc.Messageable) -> None:
+        question = question_text(message, self._my_id)
+        images = await images_of(message)
+        if not question and not images:
+            await message.reply(notice(NO_QUESTION))
+            return
+        conversation = Conversation.single(question or self._default_question, images)
+        await self._respond(conversation, channel, reference=message)
+
+    async def _answer_follow_up(self, message: discord.Message, thread: discord.Thread) -> None:
+        assert self.user is not None
+        async with thread.typing():
+            conversation = await conversation_from_thread(thread, self.user, self._default_question)
+        if not conversation.turns or conversation.turns[-1].role != "user":
+            return
+        await self._respond(conversation, thread)
+
+    async def _respond(
+        self,
+        conversation: Conversation,
+        channel: discord.abc.Messageable,
+        *,
+        reference: discord.Message | None = None,
+    ) -> None:
+        first = True
+
+        async def send(content: str) -> EditableMessage:
+            nonlocal first
+            use_reference = reference if first else None
+            first = False
+            return await channel.send(content, reference=use_reference, mention_author=False)  # type: ignore[arg-type]
+
+        async with channel.typing():
+            await self.wait_until_engine_ready()
+        await answer(
+            self.engine,
+            conversation,
+            send,
+            edit_interval=self.settings.edit_interval_seconds,
+            typing_in=channel,
+        )
+
+    # --- slash commands (called from commands.py) ---------------------------------------
+
+    async def answer_interaction(
+        self, interaction: discord.Interaction, question: str, attachments: Sequence[discord.Attachment]
+    ) -> None:
+        await interaction.response.defer(thinking=True)
+        try:
+            images = await self._interaction_images(attachments)
+        except ImageProblem as problem:
+            log.info("image problem from %s: %s", interaction.user.id, problem)
+            await interaction.followup.send(notice(str(problem)))
+            return
+
+        async def send(content: str) -> EditableMessage:
+            return await interaction.followup.send(content, wait=True)
+
+        await self.wait_until_engine_ready()
+        await answer(
+            self.engine,
+            Conversation((Turn("user", question, tuple(images)),)),
+            send,
+            edit_interval=self.settings.edit_interval_seconds,
+        )
+
+    async def _on_command_error(
+        self, interaction: discord.Interaction, error: app_commands.AppCommandError
+    ) -> None:
+        """A slash command failed unexpectedly: tell the user (with an id) and keep serving."""
+        name = interaction.command.name if interaction.command else "?"
+        text = unexpected_error_notice(f"/{name}", error)
+        try:
+            if interaction.response.is_done():
+                await interaction.followup.send(text, ephemeral=True)
+            else:
+                await interaction.response.send_message(text, ephemeral=True)
+        except discord.HTTPException:
+            log.warning("could not report the failure of /%s to the user", name)
+
+    async def _interaction_images(self, attachments: Sequence[discord.Attachment]) -> list[Image.Image]:
+        from .images import download_images, looks_like_image
+
+        for attachment in attachments:
+            if not looks_like_image(attachment):
+                raise ImageProblem(f"`{attachment.filename}` is not an image (PNG, JPEG, WebP, GIF or BMP).")
+        return await download_images(attachments)
+
+    @property
+    def _my_id(self) -> int:
+        assert self.user is not None
+        return self.user.id
+
+    @property
+    def _default_question(self) -> str:
+        return self.settings.describe_prompt

@@ -1,0 +1,67 @@
+"""Streaming an answer into Discord messages: edit as text arrives, split at 2000 characters.
+
+The first message appears with the first text; after that it is edited at most once per
+`edit_interval` seconds (Discord rate-limits edits, and readers cannot follow faster). When
+the answer outgrows a message the split is final (the splitter is prefix-stable), so earlier
+messages are never touched again and the answer goes on in a new one.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Protocol
+
+from .splitting import split_message
+
+MESSAGE_LIMIT = 2000
+
+
+class EditableMessage(Protocol):
+    async def edit(self, *, content: str) -> object: ...
+
+
+SendMessage = Callable[[str], Awaitable[EditableMessage]]
+
+
+class StreamingReply:
+    def __init__(self, send: SendMessage, *, edit_interval: float = 1.0, limit: int = MESSAGE_LIMIT) -> None:
+        self._send = send
+        self._edit_interval = edit_interval
+        self._limit = limit
+        self._messages: list[EditableMessage] = []
+        self._shown: list[str] = []
+        self.text = ""
+
+    @property
+    def message_count(self) -> int:
+        return len(self._messages)
+
+    async def stream(self, pieces: AsyncIterator[str]) -> str:
+        """Show the pieces as they come; returns the whole answer. Errors propagate after
+        what was generated so far is on screen."""
+        last_update = -math.inf
+        try:
+            async for piece in pieces:
+                self.text += piece
+                if time.monotonic() - last_update >= self._edit_interval and await self._show():
+                    last_update = time.monotonic()
+        finally:
+            await self._show()
+        return self.text
+
+    async def _show(self) -> bool:
+        """Bring the messages up to date with the text; True if Discord was called."""
+        called = False
+        for index, chunk in enumerate(split_message(self.text, self._limit)):
+            if index < len(self._messages):
+                if self._shown[index] != chunk:
+                    await self._messages[index].edit(content=chunk)
+                    self._shown[index] = chunk
+                    called = True
+            else:
+                self._messages.append(await self._send(chunk))
+                self._shown.append(chunk)
+                called = True
+        return called
