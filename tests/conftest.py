@@ -47,6 +47,11 @@ SCRIPT: list[dict] = [
     {"when": "take three seconds", "reply": "thinking " * 30 + "done.", "seconds_per_token": 0.1},
     {"when": "ping everyone", "reply": "Hey @everyone and @here, look at <@1234567890> and <@&42>!"},
     {"when": "long answer please", "reply": LONG_CODE_ANSWER},
+    {
+        "when": "shown in this chart",
+        "reply": "A bar chart of sales by quarter ({images} image); Q4 is highest.",
+    },
+    {"when": "title and the author", "reply": "The book is ALONE by Morgan Maxwell."},
     {"when": "Extract all the text", "reply": "ALONE\nMorgan Maxwell"},
     {
         "when": "What is difference",

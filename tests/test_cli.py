@@ -19,8 +19,8 @@ def pictures(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     return save_all(tmp_path_factory.mktemp("pictures"))
 
 
-def run_cli(*args: str, cwd: Path) -> subprocess.CompletedProcess[str]:
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+def run_cli(*args: str, cwd: Path, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1", **(env or {})}
     return subprocess.run(
         [sys.executable, "-m", "inference", *args],
         cwd=cwd,
@@ -32,35 +32,55 @@ def run_cli(*args: str, cwd: Path) -> subprocess.CompletedProcess[str]:
     )
 
 
-def test_answers_about_a_chart(pictures: dict[str, Path], tiny_model_dir: Path, tmp_path: Path) -> None:
+@pytest.mark.parametrize(
+    ("images", "question", "answer"),
+    [
+        (
+            ["chart.png"],
+            "What is shown in this chart?",
+            "A bar chart of sales by quarter (1 image); Q4 is highest.",
+        ),
+        (
+            ["cover.jpg"],
+            "What is the title and the author of this book?",
+            "The book is ALONE by Morgan Maxwell.",
+        ),
+        (
+            ["team1.jpg", "team2.jpg"],
+            "What is difference in this two images?",
+            "2 images: the first team wears red, the second blue. They differ in shirts.",
+        ),
+    ],
+    ids=["analyse-chart", "read-book-cover", "compare-teams"],
+)
+def test_the_cookbooks_three_scenarios(
+    images: list[str],
+    question: str,
+    answer: str,
+    pictures: dict[str, Path],
+    tiny_model_dir: Path,
+    tmp_path: Path,
+) -> None:
+    paths = [str(pictures[name]) for name in images]
+    result = run_cli(
+        *paths, "--question", question, "--model", str(tiny_model_dir), "--device", "cpu", cwd=tmp_path
+    )
+    assert result.returncode == 0, result.stderr
+    assert result.stdout == answer + "\n"
+
+
+def test_model_and_device_come_from_the_environment(
+    pictures: dict[str, Path], tiny_model_dir: Path, tmp_path: Path
+) -> None:
     result = run_cli(
         str(pictures["chart.png"]),
         "--question",
         "Say hello",
-        "--model",
-        str(tiny_model_dir),
-        "--device",
-        "cpu",
         cwd=tmp_path,
+        env={"MODEL_ID": str(tiny_model_dir), "DEVICE": "cpu"},
     )
     assert result.returncode == 0, result.stderr
     assert result.stdout == "Hello there, my friend! How are you today?\n"
-
-
-def test_compares_two_team_photos(pictures: dict[str, Path], tiny_model_dir: Path, tmp_path: Path) -> None:
-    result = run_cli(
-        str(pictures["team1.jpg"]),
-        str(pictures["team2.jpg"]),
-        "--question",
-        "count images",
-        "--model",
-        str(tiny_model_dir),
-        "--device",
-        "cpu",
-        cwd=tmp_path,
-    )
-    assert result.returncode == 0, result.stderr
-    assert result.stdout == "I see 2 images.\n"
 
 
 def test_max_new_tokens_limits_the_answer(
@@ -69,9 +89,11 @@ def test_max_new_tokens_limits_the_answer(
     result = run_cli(
         str(pictures["cover.jpg"]),
         "--question",
-        "What is the title and the author of this book?",
+        "Tell me a story",
         "--model",
         str(tiny_model_dir),
+        "--device",
+        "cpu",
         "--max-new-tokens",
         "3",
         cwd=tmp_path,
