@@ -32,6 +32,8 @@ def thread_name(question: str) -> str:
 
 class SeeBot(discord.Client):
     def __init__(self, settings: BotSettings, engine: Engine) -> None:
+        # The bot never joins voice: the "PyNaCl/davey is not installed" warnings are noise.
+        discord.VoiceClient.warn_nacl = discord.VoiceClient.warn_dave = False
         intents = discord.Intents.default()
         intents.message_content = True
         super().__init__(intents=intents, allowed_mentions=discord.AllowedMentions.none())
