@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
+import signal
 import sys
 
 import discord
@@ -22,12 +24,20 @@ async def run(settings: BotSettings) -> int:
     if settings.api_base_url:
         use_api_base(settings.api_base_url)
     bot = SeeBot(settings, create_engine(settings.inference))
+    loop = asyncio.get_running_loop()
+    stopping: list[asyncio.Task[None]] = []  # a reference keeps the task alive
+    for signal_number in (signal.SIGINT, signal.SIGTERM):
+        with contextlib.suppress(NotImplementedError):  # Windows has no signal handlers
+            loop.add_signal_handler(
+                signal_number, lambda: stopping.append(asyncio.create_task(bot.shutdown()))
+            )
     async with bot:
         try:
             await bot.start(settings.token)
         except discord.LoginFailure as error:
             log.error("Discord refused the token (%s): check DISCORD_TOKEN in .env", error)
             return 1
+    log.info("stopped")
     return bot.exit_code
 
 

@@ -1,7 +1,8 @@
-"""Running one request: typing indicator, engine stream, streamed reply, clear errors."""
+"""Running one request: typing indicator, place in line, streamed reply, limits, clear errors."""
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import logging
 import secrets
@@ -11,7 +12,7 @@ import discord
 
 from inference import Conversation, Engine, EngineError, GenerationRequest
 
-from .history import NOTICE_PREFIX
+from .history import NOTICE_PREFIX, WAITING_PREFIX
 from .replies import SendMessage, StreamingReply
 
 log = logging.getLogger(__name__)
@@ -19,8 +20,17 @@ log = logging.getLogger(__name__)
 EMPTY_ANSWER = f"{NOTICE_PREFIX} The model gave an empty answer. Try asking another way."
 
 
+class GenerationTimeout(Exception):
+    """The answer ran past GENERATION_TIMEOUT_SECONDS."""
+
+
 def notice(text: str) -> str:
     return f"{NOTICE_PREFIX} {text}"
+
+
+def waiting_status(place: int) -> str:
+    ahead = "1 question is" if place == 1 else f"{place} questions are"
+    return f"{WAITING_PREFIX} Waiting in line: {ahead} ahead of yours."
 
 
 def unexpected_error_notice(what: str, error: BaseException) -> str:
@@ -36,25 +46,77 @@ async def answer(
     send: SendMessage,
     *,
     edit_interval: float,
+    timeout: float,
     typing_in: discord.abc.Messageable | None = None,
 ) -> str | None:
     """Stream the engine's answer to `send`; returns the answer, or None after an error reply."""
     reply = StreamingReply(send, edit_interval=edit_interval)
+    places: asyncio.Queue[int] = asyncio.Queue()
+    started = asyncio.Event()
+
+    def on_place(place: int) -> None:
+        if place == 0:
+            started.set()
+        places.put_nowait(place)
+
+    request = GenerationRequest(conversation, on_queue_position=on_place)
+    status = asyncio.create_task(_show_places(reply, places))
     typing = typing_in.typing() if typing_in is not None else contextlib.nullcontext()
     try:
         async with typing:
-            pieces: AsyncIterator[str] = engine.stream(GenerationRequest(conversation))
-            async with contextlib.aclosing(pieces):  # type: ignore[type-var]
+            pieces = _until_deadline(engine.stream(request), timeout, started)
+            async with contextlib.aclosing(pieces):
                 text = await reply.stream(pieces)
+    except GenerationTimeout:
+        log.warning("answer stopped after %s s", timeout)
+        await send(notice(f"I stopped this answer: it took longer than {timeout:g} seconds."))
+        return None
     except EngineError as error:
         log.warning("request failed: %s", error)
         await send(notice(f"Sorry, I could not answer: {error}"))
         return None
-    except discord.HTTPException:
+    except (discord.HTTPException, asyncio.CancelledError):
         raise
     except Exception as error:
         await send(unexpected_error_notice("request", error))
         return None
+    finally:
+        status.cancel()
     if not text.strip():
         await send(EMPTY_ANSWER)
     return text
+
+
+async def _show_places(reply: StreamingReply, places: asyncio.Queue[int]) -> None:
+    """Keep the requester's place in line on screen until the answer starts."""
+    while (place := await places.get()) > 0:
+        try:
+            await reply.show_status(waiting_status(place))
+        except discord.HTTPException as error:
+            log.info("could not show the place in line: %s", error)
+
+
+async def _until_deadline(
+    pieces: AsyncIterator[str], seconds: float, started: asyncio.Event
+) -> AsyncIterator[str]:
+    """The pieces, stopped with `GenerationTimeout` once generating has taken `seconds`.
+
+    The clock starts when the engine starts this request (or at its first text, for engines
+    that do not report it): time spent waiting in line does not count.
+    """
+    loop = asyncio.get_running_loop()
+    deadline: float | None = None
+    async with contextlib.aclosing(pieces):  # type: ignore[type-var]
+        while True:
+            if deadline is None and started.is_set():
+                deadline = loop.time() + seconds
+            remaining = None if deadline is None else max(0.0, deadline - loop.time())
+            try:
+                piece = await asyncio.wait_for(anext(pieces), remaining)
+            except StopAsyncIteration:
+                return
+            except asyncio.TimeoutError:
+                raise GenerationTimeout from None
+            if deadline is None:
+                deadline = loop.time() + seconds
+            yield piece

@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
-from collections.abc import Sequence
+from collections.abc import Awaitable, Callable, Iterator, Sequence
 
 import discord
 from discord import app_commands
@@ -12,16 +13,21 @@ from PIL import Image
 
 from inference import Conversation, Engine, Turn
 
+from .access import is_allowed
 from .answering import answer, notice, unexpected_error_notice
 from .discord_api import use_gateway_of_api
 from .history import conversation_from_thread, images_of, question_text
 from .images import ImageProblem
+from .limits import Refused, RequestGate
 from .replies import EditableMessage
 from .settings import BotSettings
 
 log = logging.getLogger(__name__)
 
 NO_QUESTION = "Mention me with a question, and attach the image(s) it is about."
+NOT_ALLOWED = "You can't use me here."
+CUT_OFF = "The bot is restarting, so this answer was cut off. Please ask again in a minute."
+SHUTDOWN_GRACE_SECONDS = 5.0
 THREAD_NAME_LIMIT = 100
 
 
@@ -43,6 +49,9 @@ class SeeBot(discord.Client):
         self.exit_code = 0
         self._engine_ready = asyncio.Event()
         self._engine_task: asyncio.Task[None] | None = None
+        self.gate = RequestGate(settings)
+        self.shutting_down = False
+        self._requests: set[asyncio.Task[object]] = set()
 
     async def setup_hook(self) -> None:
         from .commands import register_commands
@@ -70,6 +79,18 @@ class SeeBot(discord.Client):
         log.info("model loaded; answering questions")
         self._engine_ready.set()
 
+    async def shutdown(self) -> None:
+        """Stop taking requests, tell people whose answers are cut off, then close."""
+        if self.shutting_down:
+            return
+        self.shutting_down = True
+        log.info("shutting down: %d requests in progress", len(self._requests))
+        for task in self._requests:
+            task.cancel()
+        if self._requests:
+            await asyncio.wait(self._requests, timeout=SHUTDOWN_GRACE_SECONDS)
+        await self.close()
+
     async def close(self) -> None:
         await super().close()
         if self._engine_task is not None and not self._engine_task.done():
@@ -86,25 +107,47 @@ class SeeBot(discord.Client):
     # --- messages -----------------------------------------------------------------------
 
     async def on_message(self, message: discord.Message) -> None:
-        if message.author.bot or self.user is None:  # ourselves included
+        if message.author.bot or self.user is None or self.shutting_down:  # ourselves included
             return
         channel = message.channel
         mentioned = self.user in message.mentions
+        if isinstance(channel, discord.DMChannel):
+            handle = self._answer_message
+        elif isinstance(channel, discord.Thread) and channel.owner_id == self.user.id:
+            handle = self._answer_follow_up  # type: ignore[assignment]
+        elif mentioned and isinstance(channel, discord.Thread):
+            handle = self._answer_message
+        elif mentioned:
+            handle = self._answer_in_new_thread  # type: ignore[assignment]
+        else:
+            return
+        if not is_allowed(self.settings, message.author, channel, message.guild):
+            log.info(
+                "ignoring a question from user %s in channel %s: not allowed", message.author.id, channel.id
+            )
+            return
         try:
-            if isinstance(channel, discord.DMChannel):
-                await self._answer_message(message, message.channel)
-            elif isinstance(channel, discord.Thread):
-                if channel.owner_id == self.user.id:
-                    await self._answer_follow_up(message, channel)
-                elif mentioned:
-                    await self._answer_message(message, channel)
-            elif mentioned:
-                await self._answer_in_new_thread(message)
+            with self.gate.admit(message.author.id), self._tracked():
+                await handle(message, channel)  # type: ignore[arg-type]
+        except Refused as refusal:
+            log.info("refused a question from user %s: %s", message.author.id, refusal)
+            await message.reply(notice(str(refusal)))
         except ImageProblem as problem:
             log.info("image problem from %s: %s", message.author.id, problem)
             await message.channel.send(notice(str(problem)), reference=message)
 
-    async def _answer_in_new_thread(self, message: discord.Message) -> None:
+    @contextlib.contextmanager
+    def _tracked(self) -> Iterator[None]:
+        """Remember the running request, so a shutdown can cut it off and say so."""
+        task = asyncio.current_task()
+        assert task is not None
+        self._requests.add(task)
+        try:
+            yield
+        finally:
+            self._requests.discard(task)
+
+    async def _answer_in_new_thread(self, message: discord.Message, _channel: object = None) -> None:
         question = question_text(message, self._my_id)
         images = await images_of(message)
         if not question and not images:
@@ -162,20 +205,52 @@ class SeeBot(discord.Client):
 
         async with channel.typing():
             await self.wait_until_engine_ready()
-        await answer(
-            self.engine,
-            conversation,
-            send,
-            edit_interval=self.settings.edit_interval_seconds,
-            typing_in=channel,
-        )
+        await self._answer_or_say_cut_off(conversation, send, typing_in=channel)
+
+    async def _answer_or_say_cut_off(
+        self,
+        conversation: Conversation,
+        send: Callable[[str], Awaitable[EditableMessage]],
+        *,
+        typing_in: discord.abc.Messageable | None = None,
+    ) -> None:
+        try:
+            await answer(
+                self.engine,
+                conversation,
+                send,
+                edit_interval=self.settings.edit_interval_seconds,
+                timeout=self.settings.generation_timeout_seconds,
+                typing_in=typing_in,
+            )
+        except asyncio.CancelledError:
+            if self.shutting_down:
+                await send(notice(CUT_OFF))
+            raise
 
     # --- slash commands (called from commands.py) ---------------------------------------
 
     async def answer_interaction(
         self, interaction: discord.Interaction, question: str, attachments: Sequence[discord.Attachment]
     ) -> None:
-        await interaction.response.defer(thinking=True)
+        if self.shutting_down:
+            await interaction.response.send_message(notice(CUT_OFF), ephemeral=True)
+            return
+        if not is_allowed(self.settings, interaction.user, interaction.channel, interaction.guild):
+            log.info("refused /%s from user %s: not allowed here", interaction.command, interaction.user.id)
+            await interaction.response.send_message(notice(NOT_ALLOWED), ephemeral=True)
+            return
+        try:
+            with self.gate.admit(interaction.user.id), self._tracked():
+                await interaction.response.defer(thinking=True)
+                await self._answer_interaction(interaction, question, attachments)
+        except Refused as refusal:
+            log.info("refused /%s from user %s: %s", interaction.command, interaction.user.id, refusal)
+            await interaction.response.send_message(notice(str(refusal)), ephemeral=True)
+
+    async def _answer_interaction(
+        self, interaction: discord.Interaction, question: str, attachments: Sequence[discord.Attachment]
+    ) -> None:
         try:
             images = await self._interaction_images(attachments)
         except ImageProblem as problem:
@@ -187,12 +262,7 @@ class SeeBot(discord.Client):
             return await interaction.followup.send(content, wait=True)
 
         await self.wait_until_engine_ready()
-        await answer(
-            self.engine,
-            Conversation((Turn("user", question, tuple(images)),)),
-            send,
-            edit_interval=self.settings.edit_interval_seconds,
-        )
+        await self._answer_or_say_cut_off(Conversation((Turn("user", question, tuple(images)),)), send)
 
     async def _on_command_error(
         self, interaction: discord.Interaction, error: app_commands.AppCommandError

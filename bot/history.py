@@ -22,6 +22,8 @@ log = logging.getLogger(__name__)
 # Bot messages that start with this are notices (errors, hints), not answers: they are left
 # out of the conversation the model sees.
 NOTICE_PREFIX = "⚠️"
+# A status line (the place in line) that an answer was meant to replace, e.g. if it was cancelled.
+WAITING_PREFIX = "⏳"
 HISTORY_LIMIT = 100
 _CHAT_MESSAGE_TYPES = (discord.MessageType.default, discord.MessageType.reply)
 
@@ -81,7 +83,7 @@ async def conversation_from_thread(
     turns: list[_PendingTurn] = []
     for message in messages:
         if message.author.id == bot_user.id:
-            if message.content.startswith(NOTICE_PREFIX):
+            if message.content.startswith((NOTICE_PREFIX, WAITING_PREFIX)):
                 continue
             role, text, images = "assistant", message.content, []
         elif message.author.bot:

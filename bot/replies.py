@@ -8,6 +8,7 @@ messages are never touched again and the answer goes on in a new one.
 
 from __future__ import annotations
 
+import asyncio
 import math
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -32,6 +33,7 @@ class StreamingReply:
         self._limit = limit
         self._messages: list[EditableMessage] = []
         self._shown: list[str] = []
+        self._lock = asyncio.Lock()  # status updates and streaming edits take turns
         self.text = ""
 
     @property
@@ -51,7 +53,23 @@ class StreamingReply:
             await self._show()
         return self.text
 
+    async def show_status(self, status: str) -> None:
+        """Show a status line (e.g. the place in line) until the answer's text replaces it."""
+        async with self._lock:
+            if self.text.strip():
+                return
+            if not self._messages:
+                self._messages.append(await self._send(status))
+                self._shown.append(status)
+            elif self._shown[0] != status:
+                await self._messages[0].edit(content=status)
+                self._shown[0] = status
+
     async def _show(self) -> bool:
+        async with self._lock:
+            return await self._show_unlocked()
+
+    async def _show_unlocked(self) -> bool:
         """Bring the messages up to date with the text; True if Discord was called."""
         called = False
         for index, chunk in enumerate(split_message(self.text, self._limit)):

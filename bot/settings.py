@@ -17,6 +17,26 @@ COMPARE_PROMPT = "What is difference in this two images?"
 DESCRIBE_PROMPT = "Describe this image in detail."
 
 
+def env_ids(env: Mapping[str, str], name: str) -> frozenset[int]:
+    """A comma- or space-separated list of Discord ids (snowflakes)."""
+    raw = env.get(name, "").replace(",", " ").split()
+    try:
+        return frozenset(int(part) for part in raw)
+    except ValueError:
+        raise SettingsError(f"{name} must be Discord ids separated by commas, got {env[name]!r}") from None
+
+
+def env_bool(env: Mapping[str, str], name: str, default: bool) -> bool:
+    raw = env.get(name, "").strip().lower()
+    if not raw:
+        return default
+    if raw in ("1", "true", "yes", "on"):
+        return True
+    if raw in ("0", "false", "no", "off"):
+        return False
+    raise SettingsError(f"{name} must be true or false, got {raw!r}")
+
+
 class MissingToken(SettingsError):
     """DISCORD_TOKEN is not set."""
 
@@ -32,6 +52,18 @@ class BotSettings:
     describe_prompt: str = DESCRIBE_PROMPT
     log_level: str = "INFO"
     inference: InferenceSettings = field(default_factory=InferenceSettings)
+    # Fair use (bot/limits.py): questions waiting or running in all, per person, and a pause.
+    max_queue: int = 32
+    max_pending_per_user: int = 2
+    user_cooldown_seconds: float = 0.0
+    generation_timeout_seconds: float = 300.0
+    # Who may use the bot (bot/access.py); an empty set means "no restriction".
+    allowed_guild_ids: frozenset[int] = frozenset()
+    allowed_channel_ids: frozenset[int] = frozenset()
+    allowed_role_ids: frozenset[int] = frozenset()
+    allowed_user_ids: frozenset[int] = frozenset()
+    blocked_user_ids: frozenset[int] = frozenset()
+    allow_dms: bool = True
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> BotSettings:
@@ -51,4 +83,14 @@ class BotSettings:
             describe_prompt=env_str(env, "DESCRIBE_PROMPT", DESCRIBE_PROMPT) or DESCRIBE_PROMPT,
             log_level=(env_str(env, "LOG_LEVEL", "INFO") or "INFO").upper(),
             inference=InferenceSettings.from_env(env),
+            max_queue=env_int(env, "MAX_QUEUE", 32, minimum=1) or 32,
+            max_pending_per_user=env_int(env, "MAX_PENDING_PER_USER", 2, minimum=1) or 2,
+            user_cooldown_seconds=env_float(env, "USER_COOLDOWN_SECONDS", 0.0),
+            generation_timeout_seconds=env_float(env, "GENERATION_TIMEOUT_SECONDS", 300.0, minimum=1.0),
+            allowed_guild_ids=env_ids(env, "ALLOWED_GUILD_IDS"),
+            allowed_channel_ids=env_ids(env, "ALLOWED_CHANNEL_IDS"),
+            allowed_role_ids=env_ids(env, "ALLOWED_ROLE_IDS"),
+            allowed_user_ids=env_ids(env, "ALLOWED_USER_IDS"),
+            blocked_user_ids=env_ids(env, "BLOCKED_USER_IDS"),
+            allow_dms=env_bool(env, "ALLOW_DMS", True),
         )

@@ -74,3 +74,15 @@ def build_prompt(conversation: Conversation) -> str:
             raise PromptError(f"unknown role {turn.role!r}")
     parts.append("<|assistant|>\n")
     return "".join(parts)
+
+
+def without_oldest_exchange(conversation: Conversation) -> Conversation | None:
+    """The conversation less its first question and the answers to it, to fit the context.
+
+    None when only the last question is left: that one is never dropped.
+    """
+    turns = list(conversation.turns)
+    user_turns = [index for index, turn in enumerate(turns) if turn.role == "user"]
+    if len(user_turns) < 2:
+        return None
+    return Conversation(tuple(turns[user_turns[1] :]))

@@ -7,7 +7,7 @@ the request: it leaves the queue, or its generation stops within a token or two.
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -26,6 +26,10 @@ class GenerationError(EngineError):
     """Generation failed inside the engine; `__cause__` holds the original exception."""
 
 
+class PromptTooLong(EngineError):
+    """The question and its images do not fit in the model's context, even alone."""
+
+
 @dataclass(frozen=True)
 class GenerationRequest:
     conversation: Conversation
@@ -33,6 +37,9 @@ class GenerationRequest:
     max_new_tokens: int | None = None
     temperature: float | None = None
     num_crops: int | None = None
+    # Called on the event loop with the request's place in line (1 = next) while it waits,
+    # and with 0 when its generation starts. Engines without a queue of their own never call it.
+    on_queue_position: Callable[[int], None] | None = None
 
 
 class Engine(Protocol):

@@ -8,8 +8,8 @@ event loop with `call_soon_threadsafe`; the loop never waits on the GPU.
 from __future__ import annotations
 
 import asyncio
+import collections
 import logging
-import queue
 import threading
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
@@ -18,8 +18,8 @@ from typing import Any
 import torch
 from transformers import StoppingCriteria, StoppingCriteriaList, TextStreamer
 
-from .conversation import PromptError, build_prompt
-from .engine import EngineClosed, EngineError, GenerationError, GenerationRequest
+from .conversation import Conversation, PromptError, build_prompt, without_oldest_exchange
+from .engine import EngineClosed, EngineError, GenerationError, GenerationRequest, PromptTooLong
 from .loading import LoadedModel, load_model
 from .settings import InferenceSettings
 
@@ -29,13 +29,13 @@ _DONE = object()
 MODEL_INPUTS = ("input_ids", "attention_mask", "pixel_values", "image_sizes")
 
 
-@dataclass
+@dataclass(eq=False)
 class _Job:
     request: GenerationRequest
-    prompt: str
     loop: asyncio.AbstractEventLoop
     pieces: asyncio.Queue[Any] = field(default_factory=asyncio.Queue)
     cancelled: threading.Event = field(default_factory=threading.Event)
+    position: int | None = None
 
     def send(self, item: Any) -> None:
         """Hand an item to the waiting coroutine; safe from the worker thread."""
@@ -43,6 +43,17 @@ class _Job:
             self.loop.call_soon_threadsafe(self.pieces.put_nowait, item)
         except RuntimeError:  # the event loop is gone: nobody is listening any more
             self.cancelled.set()
+
+    def tell_position(self, position: int) -> None:
+        """Report the place in line to the requester (on the event loop), once per change."""
+        callback = self.request.on_queue_position
+        if callback is None or position == self.position or self.cancelled.is_set():
+            return
+        self.position = position
+        try:
+            callback(position)
+        except Exception:
+            log.exception("queue position callback failed")
 
 
 class _StopWhen(StoppingCriteria):
@@ -89,14 +100,22 @@ class LocalEngine:
     ) -> None:
         self.settings = settings
         self._loader = loader
-        self._jobs: queue.SimpleQueue[_Job | None] = queue.SimpleQueue()
+        self._waiting: collections.deque[_Job] = collections.deque()
+        self._lock = threading.Condition()
         self._thread: threading.Thread | None = None
         self._closing = threading.Event()
         self._loaded: LoadedModel | None = None
+        self._running: _Job | None = None
 
     @property
     def loaded(self) -> LoadedModel | None:
         return self._loaded
+
+    @property
+    def waiting(self) -> int:
+        """Requests in line behind the one that is running."""
+        with self._lock:
+            return len(self._waiting)
 
     async def start(self) -> None:
         if self._thread is not None:
@@ -111,17 +130,12 @@ class LocalEngine:
 
     async def close(self) -> None:
         self._closing.set()
-        self._jobs.put(None)
+        with self._lock:
+            self._lock.notify_all()
         thread = self._thread
         if thread is not None and thread.is_alive():
-            await asyncio.to_thread(thread.join, 30)
-        while True:  # whatever is still queued will never run
-            try:
-                job = self._jobs.get_nowait()
-            except queue.Empty:
-                break
-            if job is not None:
-                job.send(EngineClosed("the bot is shutting down"))
+            await asyncio.to_thread(thread.join, 5)  # a token or two; a model still loading is abandoned
+        self._fail_waiting(EngineClosed("the bot is shutting down"))
         self._loaded = None
         if torch.cuda.is_available():
             torch.cuda.empty_cache()
@@ -130,11 +144,14 @@ class LocalEngine:
         if self._closing.is_set() or self._thread is None or not self._thread.is_alive():
             raise EngineClosed("the model is not running")
         try:
-            prompt = build_prompt(request.conversation)
+            build_prompt(request.conversation)  # a malformed conversation fails here, at once
         except PromptError as error:
             raise EngineError(str(error)) from error
-        job = _Job(request, prompt, asyncio.get_running_loop())
-        self._jobs.put(job)
+        job = _Job(request, asyncio.get_running_loop())
+        with self._lock:
+            self._waiting.append(job)
+            self._lock.notify()
+        self._announce_positions()
         try:
             while True:
                 item = await job.pieces.get()
@@ -148,8 +165,50 @@ class LocalEngine:
         finally:
             # Reached on normal end, on error, on break/aclose and on task cancellation.
             job.cancelled.set()
+            with self._lock:
+                withdrawn = job in self._waiting
+                if withdrawn:
+                    self._waiting.remove(job)
+            if withdrawn:
+                self._announce_positions()
+
+    def _announce_positions(self, started: _Job | None = None) -> None:
+        """Tell every waiting requester its place in line (runs on the event loop).
+
+        Place 1 means "next, behind the one running". With nothing running, the first in line
+        is about to start: it hears nothing until it does (0), so an idle bot shows no queue.
+        """
+        if started is not None:
+            started.tell_position(0)
+        with self._lock:
+            waiting = list(self._waiting)
+            offset = 1 if self._running is not None else 0
+        for index, job in enumerate(waiting):
+            if index + offset > 0:
+                job.tell_position(index + offset)
+
+    def _fail_waiting(self, error: EngineError) -> None:
+        with self._lock:
+            waiting = list(self._waiting)
+            self._waiting.clear()
+        for job in waiting:
+            job.send(error)
 
     # --- worker thread -------------------------------------------------------------------
+
+    def _next_job(self) -> _Job | None:
+        with self._lock:
+            while not self._waiting and not self._closing.is_set():
+                self._lock.wait()
+            if self._closing.is_set():
+                return None
+            job = self._waiting.popleft()
+            self._running = job
+        try:
+            job.loop.call_soon_threadsafe(self._announce_positions, job)
+        except RuntimeError:
+            job.cancelled.set()
+        return job
 
     def _run(self, loop: asyncio.AbstractEventLoop, ready: asyncio.Future[None]) -> None:
         try:
@@ -158,36 +217,72 @@ class LocalEngine:
             loop.call_soon_threadsafe(_settle, ready, error)
             return
         loop.call_soon_threadsafe(_settle, ready, None)
-        while not self._closing.is_set():
-            job = self._jobs.get()
-            if job is None:
-                break
-            if job.cancelled.is_set():
-                continue
-            try:
-                self._generate(job)
-            except Exception as error:
-                log.exception("generation failed")
-                _release_gpu_memory()
-                job.send(error)
-            else:
-                job.send(_DONE)
+        try:
+            while (job := self._next_job()) is not None:
+                try:
+                    if job.cancelled.is_set():
+                        continue
+                    self._generate(job)
+                except EngineError as error:
+                    job.send(error)
+                except Exception as error:
+                    log.exception("generation failed")
+                    _release_gpu_memory()
+                    job.send(error)
+                else:
+                    job.send(_DONE)
+                finally:
+                    with self._lock:
+                        self._running = None
+        finally:
+            # Whatever happens to this thread, nobody is left waiting for an answer.
+            self._fail_waiting(EngineClosed("the model worker stopped"))
 
-    def _generate(self, job: _Job) -> None:
+    def _encode(self, conversation: Conversation, request: GenerationRequest) -> dict[str, torch.Tensor]:
         loaded = self._loaded
         assert loaded is not None
-        request = job.request
-        images = [
-            image if image.mode == "RGB" else image.convert("RGB") for image in request.conversation.images
-        ]
+        images = [image if image.mode == "RGB" else image.convert("RGB") for image in conversation.images]
         processor = loaded.processor
         if images:
             processor.image_processor.num_crops = (
                 request.num_crops or self.settings.num_crops or default_num_crops(len(images))
             )
-        encoded = processor(job.prompt, images or None, return_tensors="pt")
+        encoded = processor(build_prompt(conversation), images or None, return_tensors="pt")
         # Only what the model takes: some tokenizers add token_type_ids, which generate rejects.
-        inputs = {name: encoded[name].to(loaded.device) for name in MODEL_INPUTS if name in encoded}
+        return {name: encoded[name] for name in MODEL_INPUTS if name in encoded}
+
+    def _fit_context(self, request: GenerationRequest, max_new_tokens: int) -> dict[str, torch.Tensor]:
+        """Encode the conversation, dropping its oldest exchanges until it fits the context."""
+        loaded = self._loaded
+        assert loaded is not None
+        context = self.settings.max_context_tokens or getattr(
+            loaded.model.config, "max_position_embeddings", None
+        )
+        conversation: Conversation | None = request.conversation
+        dropped = 0
+        while conversation is not None:
+            inputs = self._encode(conversation, request)
+            length = inputs["input_ids"].shape[1]
+            if context is None or length + max_new_tokens <= context:
+                if dropped:
+                    log.info("left out the %d oldest exchange(s) to fit %d tokens", dropped, context)
+                return inputs
+            conversation = without_oldest_exchange(conversation)
+            dropped += 1
+        raise PromptTooLong(
+            f"the question and its images take {length} tokens, and the model reads at most "
+            f"{context - max_new_tokens} before answering; try fewer images or a shorter question"
+        )
+
+    def _generate(self, job: _Job) -> None:
+        loaded = self._loaded
+        assert loaded is not None
+        request = job.request
+        max_new_tokens = request.max_new_tokens or self.settings.max_new_tokens
+        inputs = {
+            name: tensor.to(loaded.device)
+            for name, tensor in self._fit_context(request, max_new_tokens).items()
+        }
         if "pixel_values" in inputs:
             inputs["pixel_values"] = inputs["pixel_values"].to(loaded.dtype)
         temperature = self.settings.temperature if request.temperature is None else request.temperature
@@ -199,7 +294,7 @@ class LocalEngine:
             loaded.model.generate(
                 **inputs,
                 **sampling,
-                max_new_tokens=request.max_new_tokens or self.settings.max_new_tokens,
+                max_new_tokens=max_new_tokens,
                 eos_token_id=loaded.stop_token_ids,
                 pad_token_id=tokenizer.pad_token_id
                 if tokenizer.pad_token_id is not None

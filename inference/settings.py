@@ -74,6 +74,8 @@ class InferenceSettings:
     num_crops: int | None = None
     max_new_tokens: int = 1000
     temperature: float = 0.0
+    # None: the model's own context (max_position_embeddings). Lower it to bound GPU memory.
+    max_context_tokens: int | None = None
     engine: str = "local"
 
     @classmethod
@@ -87,5 +89,6 @@ class InferenceSettings:
             num_crops=env_int(env, "NUM_CROPS", None, minimum=1),
             max_new_tokens=env_int(env, "MAX_NEW_TOKENS", 1000, minimum=1) or 1000,
             temperature=env_float(env, "TEMPERATURE", 0.0),
+            max_context_tokens=env_int(env, "MAX_CONTEXT_TOKENS", None, minimum=16),
             engine=env_choice(env, "ENGINE", "local", ENGINES),
         )

@@ -12,7 +12,16 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from inference import Conversation, EngineError, GenerationError, GenerationRequest, InferenceSettings, Turn
+from inference import (
+    Conversation,
+    EngineError,
+    GenerationError,
+    GenerationRequest,
+    InferenceSettings,
+    Turn,
+    build_prompt,
+)
+from inference.engine import PromptTooLong
 from inference.loading import LoadedModel, ModelLoadError, load_model
 from inference.local_engine import LocalEngine
 
@@ -184,3 +193,81 @@ async def test_a_closed_engine_refuses_requests(settings: InferenceSettings) -> 
     await engine.close()
     with pytest.raises(EngineError):
         await collect(engine, ask("Say hello"))
+
+
+async def test_waiting_requests_are_told_their_place_in_line(engine: LocalEngine) -> None:
+    places: dict[str, list[int]] = {"first": [], "second": [], "third": []}
+    third_in_line = asyncio.Event()
+
+    def request(name: str, question: str) -> GenerationRequest:
+        def tell(place: int) -> None:
+            places[name].append(place)
+            if name == "third":
+                third_in_line.set()
+
+        return GenerationRequest(Conversation.single(question), max_new_tokens=8, on_queue_position=tell)
+
+    first = engine.stream(request("first", "slow story"))
+    first_piece = await anext(first)  # the first request is running
+    others = asyncio.gather(
+        collect(engine, request("second", "Say hello")), collect(engine, request("third", "Say hello"))
+    )
+    await third_in_line.wait()
+    assert first_piece and places["first"][-1] == 0
+    assert engine.waiting == 2
+    await collect_rest(first)
+    await others
+    assert places["second"] == [1, 0]
+    assert places["third"] == [2, 1, 0]
+
+
+async def collect_rest(stream: AsyncIterator[str]) -> None:
+    async for _ in stream:
+        pass
+
+
+async def test_a_request_cancelled_while_waiting_leaves_the_line(engine: LocalEngine) -> None:
+    places: list[int] = []
+    second_in_line = asyncio.Event()
+
+    def tell(place: int) -> None:
+        places.append(place)
+        second_in_line.set()
+
+    first = engine.stream(ask("slow story", max_new_tokens=8))
+    await anext(first)
+    waiting = asyncio.create_task(collect(engine, ask("Say hello")))
+    behind = asyncio.create_task(
+        collect(engine, GenerationRequest(Conversation.single("count images"), on_queue_position=tell))
+    )
+    await second_in_line.wait()
+    assert places == [2]
+    waiting.cancel()
+    await asyncio.gather(waiting, return_exceptions=True)
+    assert engine.waiting == 1 and places == [2, 1]  # moved up when the one ahead left
+    await collect_rest(first)
+    assert "".join(await behind) == "I see 0 images."
+
+
+async def test_oldest_exchanges_are_left_out_to_fit_the_context(settings: InferenceSettings) -> None:
+    last_question = Turn("user", "count images", (red(),))
+    conversation = Conversation(
+        (Turn("user", "What are these?", (red(), red())), Turn("assistant", "Two squares."), last_question)
+    )
+    probe = LocalEngine(settings)
+    await probe.start()
+    processor = probe.loaded.processor  # type: ignore[union-attr]
+    processor.image_processor.num_crops = 16
+    alone = processor(build_prompt(Conversation((last_question,))), [red()], return_tensors="pt")
+    await probe.close()
+    fits_only_the_last = alone["input_ids"].shape[1] + 10 + 2
+    engine = LocalEngine(replace(settings, max_context_tokens=fits_only_the_last))
+    await engine.start()
+    try:
+        text = "".join(await collect(engine, GenerationRequest(conversation, max_new_tokens=10)))
+        assert text == "I see 1 images."  # the first two images went with the first exchange
+        with pytest.raises(PromptTooLong, match="tokens"):
+            await collect(engine, GenerationRequest(conversation, max_new_tokens=fits_only_the_last))
+        assert "".join(await collect(engine, ask("Say hello", max_new_tokens=10))).startswith("Hello")
+    finally:
+        await engine.close()
