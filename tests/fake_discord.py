@@ -110,6 +110,7 @@ MSG_THREAD_STARTER = 21
 # Message flags.
 FLAG_EPHEMERAL = 1 << 6
 FLAG_LOADING = 1 << 7
+FLAG_COMPONENTS_V2 = 1 << 15
 
 # Interaction callback types.
 CB_PONG = 1
@@ -117,6 +118,44 @@ CB_CHANNEL_MESSAGE = 4
 CB_DEFERRED_CHANNEL_MESSAGE = 5
 CB_DEFERRED_UPDATE_MESSAGE = 6
 CB_UPDATE_MESSAGE = 7
+
+# Interaction types.
+INTERACTION_MESSAGE_COMPONENT = 3
+
+# Message component types and button styles (legacy components: action rows of buttons and selects).
+COMPONENT_ACTION_ROW = 1
+COMPONENT_BUTTON = 2
+SELECT_TYPES = (3, 5, 6, 7, 8)
+BUTTON_LINK = 5
+BUTTON_PREMIUM = 6
+MAX_ROWS = 5
+MAX_ROW_ITEMS = 5
+MAX_CUSTOM_ID = 100
+MAX_BUTTON_LABEL = 80
+
+# Permission bits for member permissions in interactions.
+MANAGE_MESSAGES = 1 << 13
+#: What a plain member of a new guild may do (@everyone's defaults): read, write, react, attach,
+#: embed, use external emojis and application commands, threads, voice; no Manage Messages.
+MEMBER_PERMISSIONS = (
+    (1 << 0)  # CREATE_INSTANT_INVITE
+    | (1 << 6)  # ADD_REACTIONS
+    | (1 << 9)  # STREAM
+    | (1 << 10)  # VIEW_CHANNEL
+    | (1 << 11)  # SEND_MESSAGES
+    | (1 << 14)  # EMBED_LINKS
+    | (1 << 15)  # ATTACH_FILES
+    | (1 << 16)  # READ_MESSAGE_HISTORY
+    | (1 << 18)  # USE_EXTERNAL_EMOJIS
+    | (1 << 20)  # CONNECT
+    | (1 << 21)  # SPEAK
+    | (1 << 25)  # USE_VAD
+    | (1 << 26)  # CHANGE_NICKNAME
+    | (1 << 31)  # USE_APPLICATION_COMMANDS
+    | (1 << 35)  # CREATE_PUBLIC_THREADS
+    | (1 << 36)  # CREATE_PRIVATE_THREADS
+    | (1 << 38)  # SEND_MESSAGES_IN_THREADS
+)
 
 # Application command option types, for inferring a type from a Python value.
 OPT_STRING = 3
@@ -213,7 +252,8 @@ _RECORD: Any = web.RequestKey("record", RecordedRequest) if hasattr(web, "Reques
 class MessageWrite:
     """A message the bot created or edited, by any route, with the mentions it allowed.
 
-    ``kind`` is ``create``, ``edit``, ``interaction_response`` or ``followup``.
+    ``kind`` is ``create``, ``edit``, ``interaction_response``, ``interaction_update`` (callback
+    type 7: a component interaction edits the component's message) or ``followup``.
     ``allowed_mentions`` is ``None`` when the request carried none, which on real
     Discord means every mention in the content pings.
     """
@@ -250,7 +290,12 @@ class TypingEvent:
 
 @dataclasses.dataclass
 class InteractionRecord:
-    """A slash-command invocation and everything the bot did in answer to it."""
+    """A slash-command invocation or button press and everything the bot did in answer to it.
+
+    For a button press (:meth:`FakeDiscord.click_button`) ``command_name`` is ``""``,
+    ``custom_id`` the button's and ``component_message_id`` the message it is on; after a
+    callback of type 6 or 7 ``original_message_id`` (``@original``) is that message.
+    """
 
     id: int
     token: str
@@ -264,6 +309,8 @@ class InteractionRecord:
     original_message_id: int | None = None
     followup_message_ids: list[int] = dataclasses.field(default_factory=list)
     loading: bool = False
+    custom_id: str | None = None
+    component_message_id: int | None = None
 
     @property
     def responded(self) -> bool:
@@ -477,6 +524,7 @@ class FakeDiscord:
         self._channel_messages: dict[int, list[int]] = {}
         self._edits: dict[int, list[MessageEdit]] = {}
         self._cdn_files: dict[int, tuple[bytes, str, str]] = {}  # attachment id -> data, type, filename
+        self._cdn_overrides: dict[str, tuple[int, bytes | None, float]] = {}  # set_cdn_response
         self._interactions_by_token: dict[str, InteractionRecord] = {}
 
         self.bot_user = self._new_user("SeeBot", bot=True)
@@ -963,6 +1011,18 @@ class FakeDiscord:
         """Every edit of a message in order; empty if never edited."""
         return list(self._edits.get(message_id, []))
 
+    def buttons_on(self, message_id: int) -> list[JSON]:
+        """The buttons on a message as it is now (copies, rows flattened, in order).
+
+        Each is the bot's button dict: ``custom_id``, ``label``, ``style``, ``disabled``...
+        ``[b["custom_id"] for b in fake.buttons_on(mid)]`` is what :meth:`click_button` accepts.
+        """
+        return [
+            copy.deepcopy(c)
+            for c in _walk_components(self._messages[message_id].get("components") or [])
+            if c.get("type") == COMPONENT_BUTTON
+        ]
+
     @property
     def threads(self) -> dict[int, JSON]:
         """Thread channel payloads by id (a copy)."""
@@ -1316,6 +1376,113 @@ class FakeDiscord:
         self._changed()
         return record
 
+    async def click_button(
+        self,
+        user: UserLike,
+        message_id: int,
+        custom_id: str,
+        *,
+        permissions: int | None = None,
+        locale: str = "en-US",
+    ) -> InteractionRecord:
+        """A user presses a button on one of the bot's messages; dispatches INTERACTION_CREATE.
+
+        The interaction is a MESSAGE_COMPONENT one (type 3) with ``data`` ``{custom_id,
+        component_type: 2}`` and the message as it is now. In a guild the presser is a
+        ``member`` whose ``permissions`` (what ``interaction.permissions`` reads) are
+        ``permissions`` if given, else every permission for the guild owner ("alice") and
+        :data:`MEMBER_PERMISSIONS` (no Manage Messages) for anyone else; in a DM it is a
+        ``user`` and ``permissions`` is ignored. Raises ``LookupError`` if the message has no
+        button with that ``custom_id`` and ``ValueError`` if the button is disabled or a link,
+        the message is not the bot's, or the user cannot see it. Returns the record kept in
+        :attr:`interactions`: the bot's callback (4, 5, 6 or 7) lands in ``response_type``.
+        """
+        presser = self._resolve_user(user)
+        message = self._messages.get(message_id)
+        if message is None:
+            raise KeyError(f"no such message: {message_id}")
+        channel_id = int(message["channel_id"])
+        self._check_can_post(presser, channel_id)
+        if message["author"]["id"] != self.bot_user["id"]:
+            raise ValueError(f"message {message_id} is not the bot's; its buttons would not reach it")
+        buttons = [
+            c for c in _walk_components(message.get("components") or []) if c.get("type") == COMPONENT_BUTTON
+        ]
+        button = next((b for b in buttons if b.get("custom_id") == custom_id), None)
+        if button is None:
+            have = [(b.get("custom_id"), b.get("label")) for b in buttons]
+            raise LookupError(
+                f"message {message_id} has no button with custom_id {custom_id!r} (custom_id, label: {have})"
+            )
+        if button.get("disabled"):
+            raise ValueError(f"button {custom_id!r} on message {message_id} is disabled")
+        if button.get("style") in (BUTTON_LINK, BUTTON_PREMIUM):
+            raise ValueError(f"button {custom_id!r} on message {message_id} sends no interaction")
+        if message.get("flags", 0) & FLAG_EPHEMERAL:
+            owner = (message.get("interaction_metadata") or {}).get("user", {}).get("id")
+            if owner != presser["id"]:
+                raise ValueError(f"message {message_id} is ephemeral: only its owner {owner} sees it")
+        in_guild = self._is_guild_channel(channel_id)
+        if in_guild and int(presser["id"]) not in self._members:
+            raise ValueError(f"{presser['username']} is not a member of the guild")
+        if permissions is None:
+            permissions = int(ALL_PERMISSIONS) if presser["id"] == self.alice["id"] else MEMBER_PERMISSIONS
+        granted = str(permissions) if in_guild else ALL_PERMISSIONS
+
+        data: JSON = {"custom_id": custom_id, "component_type": COMPONENT_BUTTON}
+        if "id" in button:
+            data["id"] = button["id"]
+        interaction_id = self._snowflake()
+        token = "aW50ZXJhY3Rpb24" + secrets.token_urlsafe(48)
+        payload: JSON = {
+            "id": str(interaction_id),
+            "application_id": str(self.application_id),
+            "type": INTERACTION_MESSAGE_COMPONENT,
+            "data": data,
+            "message": self._render(message),
+            "channel_id": str(channel_id),
+            "channel": {**self._channel_payload(channel_id), "permissions": granted},
+            "token": token,
+            "version": 1,
+            "app_permissions": ALL_PERMISSIONS,
+            "locale": locale,
+            "entitlements": [],
+            "attachment_size_limit": UPLOAD_LIMIT,
+        }
+        if in_guild:
+            member = self._member_payload(int(presser["id"]))
+            member["permissions"] = granted
+            payload.update(
+                guild_id=str(self.guild_id),
+                guild={"id": str(self.guild_id), "locale": "en-US", "features": []},
+                guild_locale="en-US",
+                member=member,
+                authorizing_integration_owners={"0": str(self.guild_id)},
+                context=0,
+            )
+        else:
+            payload.update(
+                user=copy.deepcopy(presser),
+                authorizing_integration_owners={"0": str(self.guild_id)},
+                context=1,
+            )
+        record = InteractionRecord(
+            id=interaction_id,
+            token=token,
+            channel_id=channel_id,
+            user_id=int(presser["id"]),
+            command_name="",
+            payload=payload,
+            created_at=time.monotonic(),
+            custom_id=custom_id,
+            component_message_id=message_id,
+        )
+        self.interactions[interaction_id] = record
+        self._interactions_by_token[token] = record
+        await self._dispatch_all("INTERACTION_CREATE", copy.deepcopy(payload))
+        self._changed()
+        return record
+
     def _find_command(self, name: str, in_guild: bool) -> tuple[JSON, int | None]:
         scopes: list[int | None] = [self.guild_id, None] if in_guild else [None]
         for scope in scopes:
@@ -1460,6 +1627,8 @@ class FakeDiscord:
             message["content"] = content
             message["mentions"] = self._mentions_in(content)
             message["mention_roles"] = [m.group(1) for m in _ROLE_MENTION_RE.finditer(content)]
+        if body.get("components") is not None:  # checked before anything changes
+            _check_components(body["components"], int(body.get("flags") or message.get("flags", 0)))
         for key in ("embeds", "components", "poll", "sticker_ids"):
             if body.get(key) is not None:
                 message[key] = copy.deepcopy(body[key])
@@ -1544,6 +1713,18 @@ class FakeDiscord:
         return message
 
     # ------------------------------------------------------------------ threads
+
+    def set_cdn_response(
+        self, filename: str, *, status: int = 200, body: bytes | None = None, delay: float = 0.0
+    ) -> None:
+        """From now on, CDN downloads of attachments named ``filename`` fail, lie or hang.
+
+        They answer ``status`` with ``body`` (default: the bytes sent, so the attachment's
+        declared ``size`` can differ from what is served) after ``delay`` seconds (a large
+        delay: a download that never finishes; the wait ends when the client gives up).
+        For tests of downloads that fail (404), are slow, or are larger than declared.
+        """
+        self._cdn_overrides[filename] = (status, body, delay)
 
     async def create_thread(self, user: UserLike, parent_id: int, message_id: int, name: str) -> int:
         """A user (not the bot) starts a public thread from a message; returns its id."""
@@ -2060,6 +2241,20 @@ class FakeDiscord:
 
     def _interaction_message_extra(self, record: InteractionRecord) -> JSON:
         user = copy.deepcopy(self._users[record.user_id])
+        if record.component_message_id is not None:
+            return {
+                "webhook_id": str(self.application_id),
+                "application_id": str(self.application_id),
+                "interaction_metadata": {
+                    "id": str(record.id),
+                    "type": INTERACTION_MESSAGE_COMPONENT,
+                    "user": user,
+                    "authorizing_integration_owners": record.payload.get(
+                        "authorizing_integration_owners", {}
+                    ),
+                    "interacted_message_id": str(record.component_message_id),
+                },
+            }
         return {
             "webhook_id": str(self.application_id),
             "application_id": str(self.application_id),
@@ -2089,23 +2284,46 @@ class FakeDiscord:
         data = body.get("data") or {}
         ephemeral = int(data.get("flags") or 0) & FLAG_EPHEMERAL
         message: JSON | None = None
+        # The response to a button press is a reply to the button's message (without a ping).
+        component = record.component_message_id is not None
+        msg_type = MSG_REPLY if component else MSG_CHAT_INPUT_COMMAND
+        extra = self._interaction_message_extra(record)
+        if component:
+            extra["message_reference"] = {
+                "type": 0,
+                "message_id": str(record.component_message_id),
+                "channel_id": str(record.channel_id),
+                **({"guild_id": record.payload["guild_id"]} if "guild_id" in record.payload else {}),
+            }
+        if callback_type in (CB_DEFERRED_UPDATE_MESSAGE, CB_UPDATE_MESSAGE) and not component:
+            raise _form_error(
+                "type",
+                "BASE_TYPE_CHOICES",
+                f"Interaction callback type {callback_type} is only valid for component interactions.",
+            )
         if callback_type == CB_CHANNEL_MESSAGE:
             message = await self._bot_creates_message(
                 record.channel_id,
                 {**data, "flags": int(data.get("flags") or 0)},
                 self._files(request),
                 kind="interaction_response",
-                msg_type=MSG_CHAT_INPUT_COMMAND,
-                extra={**self._interaction_message_extra(record), "flags": ephemeral},
+                msg_type=msg_type,
+                extra={**extra, "flags": ephemeral},
             )
         elif callback_type == CB_DEFERRED_CHANNEL_MESSAGE:
-            message = self._new_message(record.channel_id, self.bot_user, "", msg_type=MSG_CHAT_INPUT_COMMAND)
-            message.update(self._interaction_message_extra(record))
+            message = self._new_message(record.channel_id, self.bot_user, "", msg_type=msg_type)
+            message.update(extra)
             message["flags"] = FLAG_LOADING | ephemeral
             self._store_message(message)
             await self._dispatch_message("MESSAGE_CREATE", message)
             record.loading = True
-        elif callback_type not in (CB_PONG, CB_DEFERRED_UPDATE_MESSAGE, CB_UPDATE_MESSAGE, 8, 9, 12):
+        elif callback_type == CB_UPDATE_MESSAGE:
+            target = self._require_message(int(record.component_message_id or 0))
+            message = await self._bot_edits_message(
+                target, data, self._files(request), kind="interaction_update"
+            )
+            ephemeral = target.get("flags", 0) & FLAG_EPHEMERAL
+        elif callback_type not in (CB_PONG, CB_DEFERRED_UPDATE_MESSAGE, 8, 9, 12):
             raise _form_error(
                 "type", "BASE_TYPE_CHOICES", f"Unknown interaction callback type {callback_type!r}."
             )
@@ -2113,13 +2331,15 @@ class FakeDiscord:
         record.responded_at = time.monotonic()
         if message is not None:
             record.original_message_id = int(message["id"])
+        elif callback_type == CB_DEFERRED_UPDATE_MESSAGE:
+            record.original_message_id = record.component_message_id  # @original: the button's message
         self._changed()
         if "with_response" not in request.query or request.query["with_response"].lower() in ("0", "false"):
             return web.Response(status=204)
         # discord.py >= 2.5 always asks with_response=1 and reads this InteractionCallbackResponse.
         interaction: JSON = {
             "id": str(record.id),
-            "type": 2,
+            "type": record.payload["type"],
             "response_message_loading": callback_type == CB_DEFERRED_CHANNEL_MESSAGE,
             "response_message_ephemeral": bool(ephemeral),
         }
@@ -2206,7 +2426,14 @@ class FakeDiscord:
             stored = None
         if stored is None or stored[2] != request.match_info["filename"]:
             return web.Response(status=404, text="Not Found")
-        data, content_type, _ = stored
+        data, content_type, filename = stored
+        if filename in self._cdn_overrides:
+            status, body, delay = self._cdn_overrides[filename]
+            if delay:
+                await asyncio.sleep(delay)  # cancelled when the client disconnects
+            if status != 200:
+                return web.Response(status=status, text="Not Found" if status == 404 else "Error")
+            data = data if body is None else body
         return web.Response(body=data, content_type=content_type.split(";")[0])
 
 
@@ -2228,3 +2455,105 @@ def _guess_type(upload: UploadedFile) -> str:
     except UnicodeDecodeError:
         return "application/octet-stream"
     return "text/plain; charset=utf-8"
+
+
+def _walk_components(components: Iterable[Any]) -> Iterable[JSON]:
+    """Every component dict, depth first: rows, their children, v2 containers and accessories."""
+    for component in components:
+        if not isinstance(component, dict):
+            continue
+        yield component
+        yield from _walk_components(component.get("components") or [])
+        accessory = component.get("accessory")
+        if isinstance(accessory, dict):
+            yield from _walk_components([accessory])
+
+
+def _component_error(path: Sequence[str | int], code: str, message: str) -> ApiError:
+    """Invalid Form Body (50035) for one nested field, e.g. ``components.0.components.1.custom_id``."""
+    errors: JSON = {"_errors": [{"code": code, "message": message}]}
+    for key in reversed(path):
+        errors = {str(key): errors}
+    return ApiError(400, 50035, "Invalid Form Body", errors)
+
+
+def _check_components(components: Any, flags: int) -> None:
+    """Discord's checks on legacy components: up to 5 action rows of up to 5 buttons or 1 select.
+
+    Buttons need a style, a ``custom_id`` of 1-100 characters (link buttons a ``url``
+    instead) and a label of at most 80; custom ids are unique in a message. Layout
+    components (flag IS_COMPONENTS_V2) are only checked for unique custom ids.
+    """
+    if not isinstance(components, list):
+        raise _component_error(
+            ["components"], "LIST_TYPE_CONVERT", "Only iterables may be used in a ListType"
+        )
+    if not flags & FLAG_COMPONENTS_V2:
+        if len(components) > MAX_ROWS:
+            raise _component_error(
+                ["components"], "BASE_TYPE_MAX_LENGTH", f"Must be {MAX_ROWS} or fewer in length."
+            )
+        for r, row in enumerate(components):
+            if not isinstance(row, dict) or row.get("type") != COMPONENT_ACTION_ROW:
+                raise _component_error(
+                    ["components", r, "type"],
+                    "UNION_TYPE_CHOICES",
+                    'Value of field "type" must be one of (1,).',
+                )
+            items = row.get("components")
+            if not isinstance(items, list) or not 1 <= len(items) <= MAX_ROW_ITEMS:
+                raise _component_error(
+                    ["components", r, "components"],
+                    "BASE_TYPE_BAD_LENGTH",
+                    f"Must be between 1 and {MAX_ROW_ITEMS} in length.",
+                )
+            for i, item in enumerate(items):
+                where = ["components", r, "components", i]
+                kind = item.get("type") if isinstance(item, dict) else None
+                if kind in SELECT_TYPES and len(items) != 1:
+                    raise _component_error(
+                        where,
+                        "COMPONENT_LAYOUT_WIDTH_EXCEEDED",
+                        "The specified component exceeds the maximum width",
+                    )
+                if kind not in SELECT_TYPES and kind != COMPONENT_BUTTON:
+                    raise _component_error(
+                        [*where, "type"], "UNION_TYPE_CHOICES", f'Value of field "type" is invalid: {kind!r}.'
+                    )
+                if kind != COMPONENT_BUTTON:
+                    continue
+                style = item.get("style")
+                if style not in range(1, 7):
+                    raise _component_error(
+                        [*where, "style"], "BASE_TYPE_CHOICES", "Value must be one of {1..6}."
+                    )
+                if style == BUTTON_LINK and (not item.get("url") or item.get("custom_id")):
+                    raise _component_error(
+                        where, "BUTTON_COMPONENT_INVALID", "A link button needs a url and no custom_id."
+                    )
+                if style not in (BUTTON_LINK, BUTTON_PREMIUM) and not item.get("custom_id"):
+                    raise _component_error(
+                        [*where, "custom_id"], "BASE_TYPE_REQUIRED", "This field is required"
+                    )
+                if len(str(item.get("label") or "")) > MAX_BUTTON_LABEL:
+                    raise _component_error(
+                        [*where, "label"],
+                        "BASE_TYPE_MAX_LENGTH",
+                        f"Must be {MAX_BUTTON_LABEL} or fewer in length.",
+                    )
+    seen: set[str] = set()
+    for component in _walk_components(components):
+        custom_id = component.get("custom_id")
+        if custom_id is None:
+            continue
+        if not 1 <= len(str(custom_id)) <= MAX_CUSTOM_ID:
+            raise _component_error(
+                ["components"],
+                "BASE_TYPE_BAD_LENGTH",
+                f"custom_id must be between 1 and {MAX_CUSTOM_ID} in length.",
+            )
+        if custom_id in seen:
+            raise _component_error(
+                ["components"], "COMPONENT_CUSTOM_ID_DUPLICATED", "Component custom id cannot be duplicated"
+            )
+        seen.add(custom_id)

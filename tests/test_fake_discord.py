@@ -18,7 +18,13 @@ from discord import app_commands
 from discord.gateway import DiscordWebSocket
 from PIL import Image
 
-from tests.fake_discord import FakeDiscord, FakeDiscordTimeout, allows_no_pings
+from tests.fake_discord import (
+    MANAGE_MESSAGES,
+    MEMBER_PERMISSIONS,
+    FakeDiscord,
+    FakeDiscordTimeout,
+    allows_no_pings,
+)
 
 pytestmark = pytest.mark.asyncio
 
@@ -292,3 +298,83 @@ async def test_discord_rules_and_unknown_routes(fake: FakeDiscord, client: Smoke
 
     with pytest.raises(FakeDiscordTimeout, match="waiting for: nothing"):
         await fake.wait_for(lambda: False, timeout=0.05, description="nothing")
+
+
+class CancelView(discord.ui.View):
+    """A "Cancel" button only the requester or a member with Manage Messages may press."""
+
+    def __init__(self, requester_id: int) -> None:
+        super().__init__(timeout=None)
+        self.requester_id = requester_id
+        self.presses: list[tuple[int, bool]] = []
+        self.errors: list[BaseException] = []
+        self.add_item(discord.ui.Button(label="Done", custom_id="done", disabled=True))
+
+    @discord.ui.button(label="Cancel", style=discord.ButtonStyle.danger, custom_id="cancel")
+    async def cancel(self, interaction: discord.Interaction, button: discord.ui.Button[CancelView]) -> None:
+        self.presses.append((interaction.user.id, interaction.permissions.manage_messages))
+        if interaction.user.id == self.requester_id or interaction.permissions.manage_messages:
+            await interaction.response.edit_message(content="cancelled", view=None)
+        else:
+            await interaction.response.send_message("only the requester can cancel", ephemeral=True)
+
+    @discord.ui.button(label="Later", custom_id="later")
+    async def later(self, interaction: discord.Interaction, button: discord.ui.Button[CancelView]) -> None:
+        await interaction.response.defer()  # type 6: @original is this message
+        await interaction.edit_original_response(content="postponed")
+        await interaction.followup.send("see you later", ephemeral=True)
+
+    async def on_error(
+        self, interaction: discord.Interaction, error: Exception, item: discord.ui.Item[CancelView]
+    ) -> None:
+        self.errors.append(error)
+
+
+async def test_buttons_on_a_view(fake: FakeDiscord, client: SmokeClient) -> None:
+    channel = client.get_channel(fake.general_id)
+    assert isinstance(channel, discord.TextChannel)
+    view = CancelView(requester_id=int(fake.user("alice")["id"]))
+    sent = await channel.send("working on it", view=view)
+    stored = fake.message(sent.id)
+    assert [[b["custom_id"] for b in row["components"]] for row in stored["components"]] == [
+        ["cancel", "later", "done"]
+    ]
+    cancel = next(b for b in fake.buttons_on(sent.id) if b["custom_id"] == "cancel")
+    assert cancel == {"type": 2, "style": 4, "label": "Cancel", "custom_id": "cancel", "disabled": False}
+    with pytest.raises(LookupError, match="no button with custom_id 'nope'"):
+        await fake.click_button("bob", sent.id, "nope")
+    with pytest.raises(ValueError, match="disabled"):
+        await fake.click_button("bob", sent.id, "done")
+
+    # Bob is neither the requester nor a moderator: an ephemeral refusal, the message stays.
+    refused = await fake.click_button("bob", sent.id, "cancel")
+    assert refused.payload["member"]["permissions"] == str(MEMBER_PERMISSIONS)
+    await fake.wait_for(lambda: refused.responded, description="the refusal")
+    assert refused.response_type == 4 and refused.original_message_id is not None
+    reply = fake.message(refused.original_message_id)
+    assert reply["content"] == "only the requester can cancel" and reply["flags"] == 64
+    assert reply["type"] == 19 and reply["message_reference"]["message_id"] == str(sent.id)
+    assert reply["interaction_metadata"]["interacted_message_id"] == str(sent.id)
+    assert fake.message(sent.id)["components"] == stored["components"]
+
+    # Type 6, then @original edits the button's message; the follow-up is a new message.
+    later = await fake.click_button("bob", sent.id, "later")
+    await fake.wait_for(lambda: later.followup_message_ids, description="the follow-up")
+    assert later.response_type == 6 and later.original_message_id == sent.id
+    assert fake.message(sent.id)["content"] == "postponed"
+    assert fake.message(later.followup_message_ids[0])["flags"] == 64
+
+    # With Manage Messages the press is honoured: type 7 edits content and removes the buttons.
+    honoured = await fake.click_button(
+        "bob", sent.id, "cancel", permissions=MEMBER_PERMISSIONS | MANAGE_MESSAGES
+    )
+    await fake.wait_for(lambda: honoured.responded, description="the cancellation")
+    assert honoured.response_type == 7 and honoured.original_message_id == sent.id
+    assert fake.message(sent.id)["content"] == "cancelled"
+    assert fake.message(sent.id)["components"] == [] and fake.buttons_on(sent.id) == []
+    assert fake.message_writes[-1].kind == "interaction_update"
+    assert fake.edits_of(sent.id)[-1].message["components"] == []
+    assert view.presses == [(int(fake.user("bob")["id"]), False), (int(fake.user("bob")["id"]), True)]
+    assert not view.errors
+    with pytest.raises(LookupError):
+        await fake.click_button("alice", sent.id, "cancel")
