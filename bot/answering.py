@@ -12,6 +12,7 @@ import discord
 
 from inference import Conversation, Engine, EngineError, GenerationRequest
 
+from .cancel import CancelView
 from .history import NOTICE_PREFIX, WAITING_PREFIX
 from .replies import SendMessage, StreamingReply
 
@@ -47,10 +48,48 @@ async def answer(
     *,
     edit_interval: float,
     timeout: float,
+    requester_id: int | None = None,
     typing_in: discord.abc.Messageable | None = None,
 ) -> str | None:
-    """Stream the engine's answer to `send`; returns the answer, or None after an error reply."""
-    reply = StreamingReply(send, edit_interval=edit_interval)
+    """Stream the engine's answer to `send`; returns the answer, or None after a notice.
+
+    With `requester_id`, the first message carries a Cancel button for that person (and
+    moderators); pressing it stops the generation or takes the request out of the line.
+    """
+    cancelled_by: list[discord.abc.User] = []
+    work: asyncio.Task[str | None] | None = None
+
+    def cancel(user: discord.abc.User) -> None:
+        cancelled_by.append(user)
+        if work is not None:
+            work.cancel()
+
+    view = CancelView(requester_id, cancel) if requester_id is not None else None
+    reply = StreamingReply(send, edit_interval=edit_interval, first_message_view=view)
+    work = asyncio.create_task(_answer(engine, conversation, reply, send, timeout, typing_in))
+    try:
+        return await work
+    except asyncio.CancelledError:
+        if not (work.done() and work.cancelled() and cancelled_by):
+            work.cancel()  # the caller is being cancelled (shutdown): stop the work too
+            raise
+        await send(notice(f"Cancelled by {cancelled_by[0].mention}."))
+        return None
+    finally:
+        if view is not None:
+            view.stop()
+            with contextlib.suppress(discord.HTTPException):
+                await reply.remove_view()
+
+
+async def _answer(
+    engine: Engine,
+    conversation: Conversation,
+    reply: StreamingReply,
+    send: SendMessage,
+    timeout: float,
+    typing_in: discord.abc.Messageable | None,
+) -> str | None:
     places: asyncio.Queue[int] = asyncio.Queue()
     started = asyncio.Event()
 

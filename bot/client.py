@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import Awaitable, Callable, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 
 import discord
 from discord import app_commands
@@ -19,7 +19,7 @@ from .discord_api import use_gateway_of_api
 from .history import conversation_from_thread, images_of, question_text
 from .images import ImageProblem
 from .limits import Refused, RequestGate
-from .replies import EditableMessage
+from .replies import EditableMessage, SendMessage
 from .settings import BotSettings
 
 log = logging.getLogger(__name__)
@@ -163,11 +163,14 @@ class SeeBot(discord.Client):
                     "cannot create a thread in #%s (%s); replying in the channel", message.channel, error
                 )
             else:
-                await self._respond(Conversation.single(question or self._default_question, images), thread)
+                await self._respond(
+                    Conversation.single(question or self._default_question, images), thread, message.author
+                )
                 return
         await self._respond(
             Conversation.single(question or self._default_question, images),
             message.channel,
+            message.author,
             reference=message,
         )
 
@@ -178,7 +181,7 @@ class SeeBot(discord.Client):
             await message.reply(notice(NO_QUESTION))
             return
         conversation = Conversation.single(question or self._default_question, images)
-        await self._respond(conversation, channel, reference=message)
+        await self._respond(conversation, channel, message.author, reference=message)
 
     async def _answer_follow_up(self, message: discord.Message, thread: discord.Thread) -> None:
         assert self.user is not None
@@ -186,31 +189,38 @@ class SeeBot(discord.Client):
             conversation = await conversation_from_thread(thread, self.user, self._default_question)
         if not conversation.turns or conversation.turns[-1].role != "user":
             return
-        await self._respond(conversation, thread)
+        await self._respond(conversation, thread, message.author)
 
     async def _respond(
         self,
         conversation: Conversation,
         channel: discord.abc.Messageable,
+        requester: discord.abc.User,
         *,
         reference: discord.Message | None = None,
     ) -> None:
         first = True
 
-        async def send(content: str) -> EditableMessage:
+        async def send(content: str, *, view: discord.ui.View | None = None) -> EditableMessage:
             nonlocal first
             use_reference = reference if first else None
             first = False
-            return await channel.send(content, reference=use_reference, mention_author=False)  # type: ignore[arg-type]
+            return await channel.send(
+                content,
+                reference=use_reference,  # type: ignore[arg-type]
+                mention_author=False,
+                view=view,  # type: ignore[arg-type]
+            )
 
         async with channel.typing():
             await self.wait_until_engine_ready()
-        await self._answer_or_say_cut_off(conversation, send, typing_in=channel)
+        await self._answer_or_say_cut_off(conversation, send, requester, typing_in=channel)
 
     async def _answer_or_say_cut_off(
         self,
         conversation: Conversation,
-        send: Callable[[str], Awaitable[EditableMessage]],
+        send: SendMessage,
+        requester: discord.abc.User,
         *,
         typing_in: discord.abc.Messageable | None = None,
     ) -> None:
@@ -221,6 +231,7 @@ class SeeBot(discord.Client):
                 send,
                 edit_interval=self.settings.edit_interval_seconds,
                 timeout=self.settings.generation_timeout_seconds,
+                requester_id=requester.id,
                 typing_in=typing_in,
             )
         except asyncio.CancelledError:
@@ -258,11 +269,15 @@ class SeeBot(discord.Client):
             await interaction.followup.send(notice(str(problem)))
             return
 
-        async def send(content: str) -> EditableMessage:
-            return await interaction.followup.send(content, wait=True)
+        async def send(content: str, *, view: discord.ui.View | None = None) -> EditableMessage:
+            if view is None:
+                return await interaction.followup.send(content, wait=True)
+            return await interaction.followup.send(content, wait=True, view=view)
 
         await self.wait_until_engine_ready()
-        await self._answer_or_say_cut_off(Conversation((Turn("user", question, tuple(images)),)), send)
+        await self._answer_or_say_cut_off(
+            Conversation((Turn("user", question, tuple(images)),)), send, interaction.user
+        )
 
     async def _on_command_error(
         self, interaction: discord.Interaction, error: app_commands.AppCommandError

@@ -11,8 +11,10 @@ from __future__ import annotations
 import asyncio
 import math
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
-from typing import Protocol
+from collections.abc import AsyncIterator
+from typing import Any, Protocol
+
+import discord
 
 from .splitting import split_message
 
@@ -20,15 +22,26 @@ MESSAGE_LIMIT = 2000
 
 
 class EditableMessage(Protocol):
-    async def edit(self, *, content: str) -> object: ...
+    async def edit(self, **fields: Any) -> object: ...
 
 
-SendMessage = Callable[[str], Awaitable[EditableMessage]]
+class SendMessage(Protocol):
+    """Sends one message where the answer goes; `view` carries buttons (the first message's)."""
+
+    async def __call__(self, content: str, *, view: Any = None) -> EditableMessage: ...
 
 
 class StreamingReply:
-    def __init__(self, send: SendMessage, *, edit_interval: float = 1.0, limit: int = MESSAGE_LIMIT) -> None:
+    def __init__(
+        self,
+        send: SendMessage,
+        *,
+        edit_interval: float = 1.0,
+        limit: int = MESSAGE_LIMIT,
+        first_message_view: Any = None,
+    ) -> None:
         self._send = send
+        self._view = first_message_view
         self._edit_interval = edit_interval
         self._limit = limit
         self._messages: list[EditableMessage] = []
@@ -59,11 +72,21 @@ class StreamingReply:
             if self.text.strip():
                 return
             if not self._messages:
-                self._messages.append(await self._send(status))
+                self._messages.append(await self._send_next(status))
                 self._shown.append(status)
             elif self._shown[0] != status:
                 await self._messages[0].edit(content=status)
                 self._shown[0] = status
+
+    async def remove_view(self) -> None:
+        """Take the buttons off the first message once the answer is over."""
+        if self._view is not None and self._messages:
+            # Say "no pings" on every write, even one that leaves the text as it is.
+            await self._messages[0].edit(view=None, allowed_mentions=discord.AllowedMentions.none())
+            self._view = None
+
+    async def _send_next(self, content: str) -> EditableMessage:
+        return await self._send(content, view=self._view if not self._messages else None)
 
     async def _show(self) -> bool:
         async with self._lock:
@@ -79,7 +102,7 @@ class StreamingReply:
                     self._shown[index] = chunk
                     called = True
             else:
-                self._messages.append(await self._send(chunk))
+                self._messages.append(await self._send_next(chunk))
                 self._shown.append(chunk)
                 called = True
         return called
