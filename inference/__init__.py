@@ -27,4 +27,8 @@ def create_engine(settings: InferenceSettings) -> Engine:
         from .local_engine import LocalEngine
 
         return LocalEngine(settings)
+    if settings.engine == "openai":
+        from .openai_engine import OpenAIEngine
+
+        return OpenAIEngine(settings)
     raise SettingsError(f"unknown ENGINE {settings.engine!r}")

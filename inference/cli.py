@@ -81,7 +81,7 @@ async def answer(settings: InferenceSettings, question: str, images: list[Image.
     engine = create_engine(settings)
     try:
         await engine.start()
-    except ModelLoadError as error:
+    except (ModelLoadError, EngineError) as error:  # EngineError: ENGINE=openai and no server
         raise CliError(str(error)) from error
     try:
         request = GenerationRequest(Conversation.single(question, images))

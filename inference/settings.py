@@ -8,10 +8,11 @@ from __future__ import annotations
 
 import os
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 DEFAULT_MODEL_ID = "microsoft/Phi-3-vision-128k-instruct"
-ENGINES = ("local",)
+DEFAULT_OPENAI_BASE_URL = "http://localhost:8000/v1"
+ENGINES = ("local", "openai")
 DTYPES = ("auto", "bfloat16", "float16", "float32")
 
 
@@ -64,6 +65,13 @@ def check_device(value: str) -> str:
     raise SettingsError(f"DEVICE must be auto, cpu, cuda or cuda:N; got {value!r}")
 
 
+def check_base_url(value: str) -> str:
+    value = value.strip().rstrip("/")
+    if not value.startswith(("http://", "https://")):
+        raise SettingsError(f"OPENAI_BASE_URL must start with http:// or https://; got {value!r}")
+    return value
+
+
 @dataclass(frozen=True)
 class InferenceSettings:
     model_id: str = DEFAULT_MODEL_ID
@@ -77,6 +85,20 @@ class InferenceSettings:
     # None: the model's own context (max_position_embeddings). Lower it to bound GPU memory.
     max_context_tokens: int | None = None
     engine: str = "local"
+    # ENGINE=openai: an OpenAI-compatible server (such as vLLM) runs the model.
+    openai_base_url: str = DEFAULT_OPENAI_BASE_URL
+    openai_api_key: str | None = field(default=None, repr=False)  # a secret: never logged
+    # None: MODEL_ID's value, the name vLLM serves a model under unless told otherwise.
+    openai_model: str | None = None
+    openai_max_retries: int = 3
+    openai_retry_delay_seconds: float = 0.5
+    openai_timeout_seconds: float = 120.0
+    openai_startup_timeout_seconds: float = 120.0
+
+    @property
+    def served_model(self) -> str:
+        """The model name sent to the OpenAI-compatible server."""
+        return self.openai_model or self.model_id
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> InferenceSettings:
@@ -91,4 +113,13 @@ class InferenceSettings:
             temperature=env_float(env, "TEMPERATURE", 0.0),
             max_context_tokens=env_int(env, "MAX_CONTEXT_TOKENS", None, minimum=16),
             engine=env_choice(env, "ENGINE", "local", ENGINES),
+            openai_base_url=check_base_url(
+                env_str(env, "OPENAI_BASE_URL", DEFAULT_OPENAI_BASE_URL) or DEFAULT_OPENAI_BASE_URL
+            ),
+            openai_api_key=env_str(env, "OPENAI_API_KEY", None),
+            openai_model=env_str(env, "OPENAI_MODEL", None),
+            openai_max_retries=env_int(env, "OPENAI_MAX_RETRIES", 3) or 0,
+            openai_retry_delay_seconds=env_float(env, "OPENAI_RETRY_DELAY_SECONDS", 0.5),
+            openai_timeout_seconds=env_float(env, "OPENAI_TIMEOUT_SECONDS", 120.0, minimum=1.0),
+            openai_startup_timeout_seconds=env_float(env, "OPENAI_STARTUP_TIMEOUT_SECONDS", 120.0),
         )
