@@ -9,15 +9,14 @@ from collections.abc import Iterator, Sequence
 
 import discord
 from discord import app_commands
-from PIL import Image
 
 from inference import Conversation, Engine, Turn
 
 from .access import is_allowed
 from .answering import answer, notice, unexpected_error_notice
 from .discord_api import use_gateway_of_api
-from .history import conversation_from_thread, images_of, question_text
-from .images import ImageProblem
+from .history import collect_images, question_text, thread_conversation
+from .images import ImageFetcher, ImageLimits, ImageProblem
 from .limits import Refused, RequestGate
 from .replies import EditableMessage, SendMessage
 from .settings import BotSettings
@@ -52,6 +51,7 @@ class SeeBot(discord.Client):
         self.gate = RequestGate(settings)
         self.shutting_down = False
         self._requests: set[asyncio.Task[object]] = set()
+        self.images = ImageFetcher(ImageLimits.from_settings(settings))
 
     async def setup_hook(self) -> None:
         from .commands import register_commands
@@ -96,6 +96,7 @@ class SeeBot(discord.Client):
         if self._engine_task is not None and not self._engine_task.done():
             self._engine_task.cancel()
         await self.engine.close()
+        await self.images.close()
 
     async def on_ready(self) -> None:
         assert self.user is not None
@@ -149,9 +150,10 @@ class SeeBot(discord.Client):
 
     async def _answer_in_new_thread(self, message: discord.Message, _channel: object = None) -> None:
         question = question_text(message, self._my_id)
-        images = await images_of(message)
+        collected = await collect_images(message, self.images)
+        images = collected.images
         if not question and not images:
-            await message.reply(notice(NO_QUESTION))
+            await message.reply("\n".join(notice(text) for text in [*collected.notices, NO_QUESTION]))
             return
         if isinstance(message.channel, discord.TextChannel):
             try:
@@ -164,7 +166,10 @@ class SeeBot(discord.Client):
                 )
             else:
                 await self._respond(
-                    Conversation.single(question or self._default_question, images), thread, message.author
+                    Conversation.single(question or self._default_question, images),
+                    thread,
+                    message.author,
+                    notices=collected.notices,
                 )
                 return
         await self._respond(
@@ -172,24 +177,29 @@ class SeeBot(discord.Client):
             message.channel,
             message.author,
             reference=message,
+            notices=collected.notices,
         )
 
     async def _answer_message(self, message: discord.Message, channel: discord.abc.Messageable) -> None:
         question = question_text(message, self._my_id)
-        images = await images_of(message)
+        collected = await collect_images(message, self.images)
+        images = collected.images
         if not question and not images:
-            await message.reply(notice(NO_QUESTION))
+            await message.reply("\n".join(notice(text) for text in [*collected.notices, NO_QUESTION]))
             return
         conversation = Conversation.single(question or self._default_question, images)
-        await self._respond(conversation, channel, message.author, reference=message)
+        await self._respond(
+            conversation, channel, message.author, reference=message, notices=collected.notices
+        )
 
     async def _answer_follow_up(self, message: discord.Message, thread: discord.Thread) -> None:
         assert self.user is not None
         async with thread.typing():
-            conversation = await conversation_from_thread(thread, self.user, self._default_question)
+            rebuilt = await thread_conversation(thread, self.user, self._default_question, self.images)
+        conversation = rebuilt.conversation
         if not conversation.turns or conversation.turns[-1].role != "user":
             return
-        await self._respond(conversation, thread, message.author)
+        await self._respond(conversation, thread, message.author, notices=rebuilt.notices)
 
     async def _respond(
         self,
@@ -198,6 +208,7 @@ class SeeBot(discord.Client):
         requester: discord.abc.User,
         *,
         reference: discord.Message | None = None,
+        notices: Sequence[str] = (),
     ) -> None:
         first = True
 
@@ -212,6 +223,8 @@ class SeeBot(discord.Client):
                 view=view,  # type: ignore[arg-type]
             )
 
+        if notices:  # skipped attachments, images left out: before the answer, in its place
+            await send("\n".join(notice(text) for text in notices))
         async with channel.typing():
             await self.wait_until_engine_ready()
         await self._answer_or_say_cut_off(conversation, send, requester, typing_in=channel)
@@ -263,7 +276,7 @@ class SeeBot(discord.Client):
         self, interaction: discord.Interaction, question: str, attachments: Sequence[discord.Attachment]
     ) -> None:
         try:
-            images = await self._interaction_images(attachments)
+            collected = await self.images.collect(attachments, strict=True)
         except ImageProblem as problem:
             log.info("image problem from %s: %s", interaction.user.id, problem)
             await interaction.followup.send(notice(str(problem)))
@@ -274,6 +287,9 @@ class SeeBot(discord.Client):
                 return await interaction.followup.send(content, wait=True)
             return await interaction.followup.send(content, wait=True, view=view)
 
+        images = collected.images
+        if collected.notices:
+            await send("\n".join(notice(text) for text in collected.notices))
         await self.wait_until_engine_ready()
         await self._answer_or_say_cut_off(
             Conversation((Turn("user", question, tuple(images)),)), send, interaction.user
@@ -292,14 +308,6 @@ class SeeBot(discord.Client):
                 await interaction.response.send_message(text, ephemeral=True)
         except discord.HTTPException:
             log.warning("could not report the failure of /%s to the user", name)
-
-    async def _interaction_images(self, attachments: Sequence[discord.Attachment]) -> list[Image.Image]:
-        from .images import download_images, looks_like_image
-
-        for attachment in attachments:
-            if not looks_like_image(attachment):
-                raise ImageProblem(f"`{attachment.filename}` is not an image (PNG, JPEG, WebP, GIF or BMP).")
-        return await download_images(attachments)
 
     @property
     def _my_id(self) -> int:

@@ -6,6 +6,7 @@ messages on every follow-up, so it survives restarts and edits.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import re
 from dataclasses import dataclass, field
@@ -15,7 +16,13 @@ from PIL import Image
 
 from inference import Conversation, Turn
 
-from .images import download_images, image_attachments
+from .images import (
+    CollectedImages,
+    ImageFetcher,
+    ImageProblem,
+    sort_attachments,
+    too_many_images,
+)
 
 log = logging.getLogger(__name__)
 
@@ -47,31 +54,64 @@ async def referenced_message(message: discord.Message) -> discord.Message | None
         return None
 
 
-async def images_of(message: discord.Message, *, with_reply: bool = True) -> list[Image.Image]:
-    """The message's images, after those of the message it replies to (read first)."""
+async def attachments_of(message: discord.Message, *, with_reply: bool = True) -> list[discord.Attachment]:
+    """The message's attachments, after those of the message it replies to (read first)."""
     attachments: list[discord.Attachment] = []
     if with_reply:
         replied = await referenced_message(message)
         if replied is not None:
-            attachments += image_attachments(replied.attachments)
-    attachments += image_attachments(message.attachments)
-    return await download_images(attachments)
+            attachments += replied.attachments
+    return attachments + list(message.attachments)
+
+
+async def collect_images(
+    message: discord.Message, fetcher: ImageFetcher, *, with_reply: bool = True
+) -> CollectedImages:
+    """The images of a message and of the message it replies to, with notices to show.
+
+    Raises :class:`ImageProblem` when one of them cannot be used (see ``bot/images.py``).
+    """
+    return await fetcher.collect(await attachments_of(message, with_reply=with_reply))
 
 
 @dataclass
 class _PendingTurn:
     role: str
     texts: list[str] = field(default_factory=list)
+    # (message id, image candidates of that message) in order; images replace them later.
+    attachments: list[tuple[int, list[discord.Attachment]]] = field(default_factory=list)
     images: list[Image.Image] = field(default_factory=list)
 
 
-async def conversation_from_thread(
-    thread: discord.Thread, bot_user: discord.ClientUser, default_question: str
-) -> Conversation:
+@dataclass
+class ThreadConversation:
+    """A thread's conversation and the notices to show before the answer (see CollectedImages)."""
+
+    conversation: Conversation
+    notices: list[str] = field(default_factory=list)
+
+
+async def thread_conversation(
+    thread: discord.Thread,
+    bot_user: discord.ClientUser,
+    default_question: str,
+    fetcher: ImageFetcher,
+) -> ThreadConversation:
     """The whole thread as turns: its starter message, the bot's answers, later messages.
 
     Consecutive messages of one side are merged into one turn (a long answer spans several
     messages; people often send an image, then the question).
+
+    Images: at most ``fetcher.limits.max_images`` in the whole conversation. The newest
+    message's images (with those of the message it replies to) come first: the new question
+    is about them. The rest of the budget goes to the thread's earlier images, oldest first:
+    a follow-up usually asks about the images the thread started with. Images left out are
+    named in a notice. An attachment seen twice (a reply to a message of the thread) counts
+    once. Problems with the newest message's images refuse the request (ImageProblem), as
+    for any new question; an earlier image that cannot be used (broken, too large: the bot
+    said so when it was sent; or deleted since) is left out quietly, so one bad image never
+    blocks the rest of the thread nor repeats its notice. Nothing is downloaded when the
+    thread does not end with a question.
     """
     messages: list[discord.Message] = []
     starter = await _starter_message(thread)
@@ -81,24 +121,80 @@ async def conversation_from_thread(
         if message.type in _CHAT_MESSAGE_TYPES:
             messages.append(message)
     turns: list[_PendingTurn] = []
+    seen: set[int] = set()
+    newest_id: int | None = None  # the newest person's message: the new question
+    newest_notices: list[str] = []
     for message in messages:
+        attachments: list[discord.Attachment] = []
         if message.author.id == bot_user.id:
             if message.content.startswith((NOTICE_PREFIX, WAITING_PREFIX)):
                 continue
-            role, text, images = "assistant", message.content, []
+            role, text = "assistant", message.content
         elif message.author.bot:
             continue
         else:
             role = "user"
             text = question_text(message, bot_user.id)
-            images = await images_of(message, with_reply=True)
-        if turns and turns[-1].role == role:
-            turns[-1].texts.append(text)
-            turns[-1].images += images
-        else:
-            turns.append(_PendingTurn(role, [text], images))
+            fresh = [a for a in await attachments_of(message, with_reply=True) if a.id not in seen]
+            seen.update(a.id for a in fresh)
+            attachments, newest_notices = sort_attachments(fresh)
+            newest_id = message.id
+        if not (turns and turns[-1].role == role):
+            turns.append(_PendingTurn(role))
+        turns[-1].texts.append(text)
+        if attachments:
+            turns[-1].attachments.append((message.id, attachments))
     while turns and turns[0].role == "assistant":
         turns.pop(0)
+    if not turns or turns[-1].role != "user":
+        return ThreadConversation(_conversation(turns, default_question))
+    notices = await _thread_images(turns, fetcher, newest_id, newest_notices)
+    return ThreadConversation(_conversation(turns, default_question), notices)
+
+
+async def _thread_images(
+    turns: list[_PendingTurn], fetcher: ImageFetcher, newest_id: int | None, newest_notices: list[str]
+) -> list[str]:
+    """Downloads the images the conversation keeps into ``turns``; returns the notices."""
+    limit = fetcher.limits.max_images
+    notices = list(newest_notices)
+    last = turns[-1]
+    newest: list[discord.Attachment] = []
+    if last.attachments and last.attachments[-1][0] == newest_id:
+        newest = last.attachments.pop()[1]
+    if len(newest) > limit:
+        notices.append(too_many_images(limit, [a.filename for a in newest[limit:]]))
+        newest = newest[:limit]
+    earlier = [
+        (turn, attachment)
+        for turn in turns
+        for _, attachments in turn.attachments
+        for attachment in attachments
+    ]
+    budget = limit - len(newest)
+    if len(earlier) > budget:
+        notices.append(too_many_images(limit, [a.filename for _, a in earlier[budget:]], earlier=True))
+        earlier = earlier[:budget]
+    earlier_fetches = asyncio.gather(*(fetcher.fetch(a) for _, a in earlier), return_exceptions=True)
+    try:
+        newest_images = await fetcher.fetch_all(newest)  # a problem here refuses the request
+    except BaseException:
+        earlier_fetches.cancel()
+        await asyncio.gather(earlier_fetches, return_exceptions=True)
+        raise
+    results = await earlier_fetches
+    for (turn, attachment), result in zip(earlier, results, strict=True):
+        if isinstance(result, ImageProblem):  # told when it was sent (or since deleted): no notice
+            log.info("left out %s from earlier in the thread: %s", attachment.filename, result)
+        elif isinstance(result, BaseException):
+            raise result
+        else:
+            turn.images.append(result)
+    last.images += newest_images
+    return notices
+
+
+def _conversation(turns: list[_PendingTurn], default_question: str) -> Conversation:
     result: list[Turn] = []
     for turn in turns:
         text = "\n".join(part for part in turn.texts if part)

@@ -64,6 +64,12 @@ class BotSettings:
     allowed_user_ids: frozenset[int] = frozenset()
     blocked_user_ids: frozenset[int] = frozenset()
     allow_dms: bool = True
+    # Images people send (bot/images.py): bytes per image (declared and downloaded), pixels
+    # per image (checked from the header, before decoding), images per request/conversation.
+    max_image_bytes: int = 20 * 1024 * 1024
+    max_image_pixels: int = 40_000_000
+    max_images: int = 4
+    image_download_timeout_seconds: float = 30.0
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> BotSettings:
@@ -93,4 +99,10 @@ class BotSettings:
             allowed_user_ids=env_ids(env, "ALLOWED_USER_IDS"),
             blocked_user_ids=env_ids(env, "BLOCKED_USER_IDS"),
             allow_dms=env_bool(env, "ALLOW_DMS", True),
+            max_image_bytes=env_int(env, "MAX_IMAGE_BYTES", 20 * 1024 * 1024, minimum=1) or 20 * 1024 * 1024,
+            max_image_pixels=env_int(env, "MAX_IMAGE_PIXELS", 40_000_000, minimum=1) or 40_000_000,
+            max_images=env_int(env, "MAX_IMAGES", 4, minimum=1) or 4,
+            image_download_timeout_seconds=env_float(
+                env, "IMAGE_DOWNLOAD_TIMEOUT_SECONDS", 30.0, minimum=0.1
+            ),
         )
