@@ -10,7 +10,7 @@ from collections.abc import AsyncIterator
 
 import discord
 
-from inference import Conversation, Engine, EngineError, GenerationRequest
+from inference import Conversation, Engine, EngineClosed, EngineError, GenerationError, GenerationRequest
 
 from .cancel import CancelView
 from .history import NOTICE_PREFIX, WAITING_PREFIX
@@ -32,6 +32,22 @@ def notice(text: str) -> str:
 def waiting_status(place: int) -> str:
     ahead = "1 question is" if place == 1 else f"{place} questions are"
     return f"{WAITING_PREFIX} Waiting in line: {ahead} ahead of yours."
+
+
+MODEL_STOPPED = "The model stopped working, so I'm restarting. Please ask again in a minute."
+
+
+def generation_failed_notice(error: GenerationError) -> str:
+    """Out of GPU memory says so (fewer or smaller images help); anything else is a bug report."""
+    cause = error.__cause__ or error
+    if type(cause).__name__ == "OutOfMemoryError" or "out of memory" in str(cause).lower():
+        error_id = secrets.token_hex(4)
+        log.error("out of GPU memory [error id %s]: %s", error_id, cause)
+        return notice(
+            f"The GPU ran out of memory on this question (error id `{error_id}`). "
+            "Try fewer or smaller images, or ask again when the bot is less busy."
+        )
+    return unexpected_error_notice("generation", cause)
 
 
 def unexpected_error_notice(what: str, error: BaseException) -> str:
@@ -110,6 +126,12 @@ async def _answer(
         log.warning("answer stopped after %s s", timeout)
         await send(notice(f"I stopped this answer: it took longer than {timeout:g} seconds."))
         return None
+    except GenerationError as error:  # the model failed, not the question: give an id to report
+        await send(generation_failed_notice(error))
+        return None
+    except EngineClosed:
+        await send(notice(MODEL_STOPPED))
+        raise
     except EngineError as error:
         log.warning("request failed: %s", error)
         await send(notice(f"Sorry, I could not answer: {error}"))

@@ -10,7 +10,7 @@ from collections.abc import Iterator, Sequence
 import discord
 from discord import app_commands
 
-from inference import Conversation, Engine, Turn
+from inference import Conversation, Engine, EngineClosed, Turn
 
 from .access import is_allowed
 from .answering import answer, notice, unexpected_error_notice
@@ -28,6 +28,11 @@ NOT_ALLOWED = "You can't use me here."
 CUT_OFF = "The bot is restarting, so this answer was cut off. Please ask again in a minute."
 SHUTDOWN_GRACE_SECONDS = 5.0
 THREAD_NAME_LIMIT = 100
+
+
+def interaction_expired(error: discord.HTTPException) -> bool:
+    """Unknown Webhook (10015) or Invalid Webhook Token (50027): the 15 minutes are over."""
+    return error.status in (401, 404) or error.code in (10015, 50027)
 
 
 def thread_name(question: str) -> str:
@@ -51,6 +56,7 @@ class SeeBot(discord.Client):
         self.gate = RequestGate(settings)
         self.shutting_down = False
         self._requests: set[asyncio.Task[object]] = set()
+        self._stopping: asyncio.Task[None] | None = None
         self.images = ImageFetcher(ImageLimits.from_settings(settings))
 
     async def setup_hook(self) -> None:
@@ -251,6 +257,13 @@ class SeeBot(discord.Client):
             if self.shutting_down:
                 await send(notice(CUT_OFF))
             raise
+        except EngineClosed:
+            if not self.shutting_down:
+                # Never a bot that takes questions and answers none: stop, and let the
+                # supervisor (systemd, docker --restart) start a fresh one.
+                log.critical("the model worker stopped; shutting down with exit code 1")
+                self.exit_code = 1
+                self._stopping = asyncio.create_task(self.shutdown())
 
     # --- slash commands (called from commands.py) ---------------------------------------
 
@@ -282,10 +295,27 @@ class SeeBot(discord.Client):
             await interaction.followup.send(notice(str(problem)))
             return
 
+        expired = False
+
         async def send(content: str, *, view: discord.ui.View | None = None) -> EditableMessage:
-            if view is None:
-                return await interaction.followup.send(content, wait=True)
-            return await interaction.followup.send(content, wait=True, view=view)
+            nonlocal expired
+            if not expired:
+                try:
+                    if view is None:
+                        return await interaction.followup.send(content, wait=True)
+                    return await interaction.followup.send(content, wait=True, view=view)
+                except discord.HTTPException as error:
+                    if not interaction_expired(error):
+                        raise
+                    # Interaction tokens last 15 minutes; a long wait in line outlives them.
+                    log.warning(
+                        "/%s follow-up failed (%s); answering in the channel", interaction.command, error
+                    )
+                    expired = True
+            channel = interaction.channel
+            if not isinstance(channel, discord.abc.Messageable):
+                raise RuntimeError("the interaction expired and its channel cannot be written to")
+            return await channel.send(content, view=view)  # type: ignore[arg-type]
 
         images = collected.images
         if collected.notices:

@@ -9,6 +9,7 @@ messages are never touched again and the answer goes on in a new one.
 from __future__ import annotations
 
 import asyncio
+import logging
 import math
 import time
 from collections.abc import AsyncIterator
@@ -17,6 +18,8 @@ from typing import Any, Protocol
 import discord
 
 from .splitting import split_message
+
+log = logging.getLogger(__name__)
 
 MESSAGE_LIMIT = 2000
 
@@ -55,13 +58,30 @@ class StreamingReply:
 
     async def stream(self, pieces: AsyncIterator[str]) -> str:
         """Show the pieces as they come; returns the whole answer. Errors propagate after
-        what was generated so far is on screen."""
+        what was generated so far is on screen.
+
+        The pause between updates backs off when Discord is slow or failing: it is at least
+        twice the time the last update took (a rate-limited edit waits inside discord.py),
+        and doubles after each failed update, so a struggling API is not hammered.
+        """
         last_update = -math.inf
+        interval = self._edit_interval
         try:
             async for piece in pieces:
                 self.text += piece
-                if time.monotonic() - last_update >= self._edit_interval and await self._show():
+                if time.monotonic() - last_update < interval:
+                    continue
+                started = time.monotonic()
+                try:
+                    called = await self._show()
+                except discord.HTTPException as error:
+                    interval = max(interval * 2, 1.0)
+                    log.warning("a streaming update failed (%s); next in %.1f s", error, interval)
                     last_update = time.monotonic()
+                    continue
+                if called:
+                    last_update = time.monotonic()
+                    interval = max(self._edit_interval, 2 * (last_update - started))
         finally:
             await self._show()
         return self.text
@@ -98,7 +118,14 @@ class StreamingReply:
         for index, chunk in enumerate(split_message(self.text, self._limit)):
             if index < len(self._messages):
                 if self._shown[index] != chunk:
-                    await self._messages[index].edit(content=chunk)
+                    try:
+                        await self._messages[index].edit(content=chunk)
+                    except discord.HTTPException as error:
+                        if error.status not in (401, 404):
+                            raise
+                        # Deleted, or an expired interaction's message: carry on in a new one.
+                        log.warning("cannot edit a message of the answer (%s); sending it anew", error)
+                        self._messages[index] = await self._send(chunk)
                     self._shown[index] = chunk
                     called = True
             else:

@@ -229,6 +229,10 @@ class LocalEngine:
                     log.exception("generation failed")
                     _release_gpu_memory()
                     job.send(error)
+                except BaseException:
+                    log.critical("the model worker stopped", exc_info=True)
+                    job.send(EngineClosed("the model worker stopped"))
+                    raise
                 else:
                     job.send(_DONE)
                 finally:

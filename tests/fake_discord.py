@@ -192,18 +192,27 @@ class FakeDiscordTimeout(AssertionError):
 class ApiError(Exception):
     """Raised inside a route handler to answer with Discord's JSON error body."""
 
-    def __init__(self, status: int, code: int, message: str, errors: JSON | None = None) -> None:
+    def __init__(
+        self, status: int, code: int, message: str, errors: JSON | None = None, extra: JSON | None = None
+    ) -> None:
         super().__init__(f"{status} {code} {message}")
         self.status = status
         self.code = code
         self.message = message
         self.errors = errors
+        self.extra = extra or {}
 
     def response(self) -> web.Response:
-        body: JSON = {"message": self.message, "code": self.code}
+        body: JSON = {"message": self.message, "code": self.code, **self.extra}
         if self.errors is not None:
             body["errors"] = self.errors
-        return _json_response(body, status=self.status)
+        response = _json_response(body, status=self.status)
+        if self.status == 429:
+            # What Discord's edge adds; discord.py treats a 429 without `Via` as a Cloudflare ban.
+            response.headers["Via"] = "1.1 google"
+            response.headers["Retry-After"] = str(self.extra.get("retry_after", 1))
+            response.headers["X-RateLimit-Scope"] = "user"
+        return response
 
 
 def _form_error(field: str, code: str, message: str) -> ApiError:
@@ -501,6 +510,7 @@ class FakeDiscord:
 
         # What tests read.
         self.requests: collections.deque[RecordedRequest] = collections.deque(maxlen=request_log_size)
+        self._failures: list[list[Any]] = []  # see fail_next
         self.unknown_routes: list[str] = []
         self.heartbeat_times: list[float] = []
         self.gateway_connects: list[dict[str, str]] = []  # query of each websocket (v, encoding, compress)
@@ -1814,6 +1824,7 @@ class FakeDiscord:
         try:
             await self._read_body(request, record)
             request[_RECORD] = record
+            self._raise_injected_failure(request.method, path)
             public = path.startswith(("/webhooks/", "/interactions/")) or path == "/gateway"
             if not public and request.headers.get("Authorization") != f"Bot {self.token}":
                 raise ApiError(401, 0, "401: Unauthorized")
@@ -1829,6 +1840,39 @@ class FakeDiscord:
         record.status = response.status
         self._changed()
         return response
+
+    def fail_next(
+        self,
+        method: str,
+        path_pattern: str,
+        status: int,
+        *,
+        count: int = 1,
+        retry_after: float = 0.2,
+        code: int = 0,
+    ) -> None:
+        """Answer the next `count` requests matching `method` and `path_pattern` (a regex over the
+        path after /api/v10) with `status` and Discord error `code`: 429 is a rate limit with
+        `retry_after`, 5xx an outage, 401 with code 50027 an expired interaction token."""
+        self._failures.append([method.upper(), re.compile(path_pattern), status, count, retry_after, code])
+
+    def stop_failing(self) -> None:
+        """Forget the failures `fail_next` asked for that have not happened yet."""
+        self._failures.clear()
+
+    def _raise_injected_failure(self, method: str, path: str) -> None:
+        for failure in self._failures:
+            wanted_method, pattern, status, count, retry_after, code = failure
+            if count > 0 and method == wanted_method and pattern.search(path):
+                failure[3] -= 1
+                if status == 429:
+                    raise ApiError(
+                        429,
+                        0,
+                        "You are being rate limited.",
+                        extra={"retry_after": retry_after, "global": False},
+                    )
+                raise ApiError(status, code, f"{status}: injected failure")
 
     async def _read_body(self, request: web.Request, record: RecordedRequest) -> None:
         if not request.body_exists:

@@ -239,7 +239,7 @@ def _keep_random_text_clean(model: TinyPhi3VForCausalLM, unsayable: list[int]) -
 
 
 def _check_script(script: list[dict]) -> list[dict]:
-    allowed = {"when", "reply", "seconds_per_token", "after_end"}
+    allowed = {"when", "reply", "seconds_per_token", "after_end", "fail"}
     checked = []
     for rule in script:
         unknown = set(rule) - allowed

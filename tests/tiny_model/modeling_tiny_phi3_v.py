@@ -12,7 +12,7 @@ negative image placeholders, clamps them IN PLACE, and returns the input embeddi
 image N's features at the ``-N`` positions.
 
 Scripted replies: ``config.script`` is a list of rules ``{"when": str, "reply": str,
-"seconds_per_token": float, "after_end": str}``. On the prefill, each row's last user turn
+"seconds_per_token": float, "after_end": str, "fail": "out_of_memory" | "worker_crash"}``. On the prefill, each row's last user turn
 (the text after the last ``<|user|>``, up to ``<|end|>``, without image tags, stripped) is
 matched against the rules; the first rule whose ``when`` occurs in it (``""`` matches
 anything) forces the reply's tokens, then ``<|end|>``, then ``after_end`` (the model running
@@ -46,6 +46,17 @@ DEFAULT_AFTER_END = "\n<|assistant|>\nrunaway text"
 IMAGE_TAG = re.compile(r"<\|image_\d+\|>")
 POOLED_SIDE = 4  # each crop is average-pooled to 3 x 4 x 4 values before the "encoder"
 FORCED_LOGIT = 1.0e4
+
+
+def _fail_as_scripted(failure: object) -> None:
+    """`"fail"` in a script rule: fail the way a real GPU run can, to test recovery."""
+    if failure is None:
+        return
+    if failure == "out_of_memory":
+        raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB (scripted)")
+    if failure == "worker_crash":
+        raise SystemExit("the worker thread dies (scripted)")
+    raise ValueError(f"unknown scripted failure {failure!r}")
 
 
 class TinyImageEmbedding(nn.Module):
@@ -232,6 +243,7 @@ class TinyPhi3VForCausalLM(TinyPhi3VPreTrainedModel, GenerationMixin):
             if rule is None:
                 rows.append(None)
                 continue
+            _fail_as_scripted(rule.get("fail"))
             images = len({i for i in ids if i < 0})
             reply = str(rule.get("reply", ""))
             reply = reply.replace("{images}", str(images)).replace("{question}", question)
