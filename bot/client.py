@@ -142,6 +142,13 @@ class SeeBot(discord.Client):
         except ImageProblem as problem:
             log.info("image problem from %s: %s", message.author.id, problem)
             await message.channel.send(notice(str(problem)), reference=message)
+        except discord.Forbidden as error:
+            log.warning(
+                "missing permission in channel %s (%s): give the bot Send Messages, Send Messages in "
+                "Threads, Create Public Threads and Read Message History there",
+                channel.id,
+                error,
+            )
 
     @contextlib.contextmanager
     def _tracked(self) -> Iterator[None]:

@@ -80,6 +80,18 @@ async def test_an_expired_interaction_is_answered_in_the_channel(fake: FakeDisco
     assert answer["content"] == "ALONE\nMorgan Maxwell"
 
 
+async def test_without_permission_to_create_threads_the_answer_goes_in_the_channel(
+    fake: FakeDiscord, bot: RunningBot
+) -> None:
+    channel = await new_channel(fake, "no-threads")
+    fake.fail_next("POST", r"/threads$", 403, code=50013)
+    question = await fake.send_message(fake.alice, channel, "Say hello", mention_bot=True)
+    answer = await fake.wait_for_bot_message(channel, lambda m: m["content"].endswith("today?"), timeout=30)
+    assert answer["message_reference"]["message_id"] == question["id"]  # a reply to the question
+    assert int(question["id"]) not in fake.threads
+
+
+# Last: it ends the module's bot.
 async def test_a_dead_worker_stops_the_bot_with_a_nonzero_exit(fake: FakeDiscord, bot: RunningBot) -> None:
     question = await fake.send_message(
         fake.alice, await new_channel(fake, "crash"), "crash the worker", mention_bot=True

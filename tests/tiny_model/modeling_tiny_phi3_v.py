@@ -12,7 +12,8 @@ negative image placeholders, clamps them IN PLACE, and returns the input embeddi
 image N's features at the ``-N`` positions.
 
 Scripted replies: ``config.script`` is a list of rules ``{"when": str, "reply": str,
-"seconds_per_token": float, "after_end": str, "fail": "out_of_memory" | "worker_crash"}``. On the prefill, each row's last user turn
+"seconds_per_token": float, "after_end": str, "fail": "out_of_memory" | "worker_crash"}``.
+On the prefill, each row's last user turn
 (the text after the last ``<|user|>``, up to ``<|end|>``, without image tags, stripped) is
 matched against the rules; the first rule whose ``when`` occurs in it (``""`` matches
 anything) forces the reply's tokens, then ``<|end|>``, then ``after_end`` (the model running
