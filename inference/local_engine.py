@@ -17,6 +17,7 @@ from typing import Any
 
 import torch
 from transformers import StoppingCriteria, StoppingCriteriaList, TextStreamer
+from transformers.generation.streamers import BaseStreamer
 
 from .conversation import Conversation, PromptError, build_prompt, without_oldest_exchange
 from .engine import EngineClosed, EngineError, GenerationError, GenerationRequest, PromptTooLong
@@ -36,6 +37,8 @@ class _Job:
     pieces: asyncio.Queue[Any] = field(default_factory=asyncio.Queue)
     cancelled: threading.Event = field(default_factory=threading.Event)
     position: int | None = None
+    # The prompt as model inputs (on the CPU), made once on the worker thread.
+    encoded: dict[str, torch.Tensor] | None = None
 
     def send(self, item: Any) -> None:
         """Hand an item to the waiting coroutine; safe from the worker thread."""
@@ -56,32 +59,86 @@ class _Job:
             log.exception("queue position callback failed")
 
 
-class _StopWhen(StoppingCriteria):
-    """Ends `generate` at the next token once any of the events is set."""
+class _StopRows(StoppingCriteria):
+    """Ends each row of a batch on its own: when its requester left, when it reached its own
+    token limit or stop token (the streamer marks those), and all of them on shutdown."""
 
-    def __init__(self, *events: threading.Event) -> None:
-        self._events = events
+    def __init__(self, rows: list[_Row], closing: threading.Event) -> None:
+        self._rows = rows
+        self._closing = closing
 
     def __call__(
         self, input_ids: torch.LongTensor, scores: torch.FloatTensor, **kwargs: Any
     ) -> torch.BoolTensor:
-        stop = any(event.is_set() for event in self._events)
-        return torch.full((input_ids.shape[0],), stop, dtype=torch.bool, device=input_ids.device)
+        closing = self._closing.is_set()
+        stop = [closing or row.finished or row.job.cancelled.is_set() for row in self._rows]
+        return torch.tensor(stop, dtype=torch.bool, device=input_ids.device)
 
 
 class _PieceStreamer(TextStreamer):
-    """Decodes new tokens into readable pieces (whole words where it can) for a callback.
+    """Decodes one request's new tokens into readable pieces (whole words where it can).
 
-    `skip_prompt=True` is required: the prompt holds negative image ids that cannot be decoded.
+    The prompt is never decoded: it holds negative image ids.
     """
 
     def __init__(self, tokenizer: Any, emit: Callable[[str], None]) -> None:
-        super().__init__(tokenizer, skip_prompt=True, skip_special_tokens=True)
+        # Fed only the new tokens of one request, never its prompt (see _BatchStreamer).
+        super().__init__(tokenizer, skip_prompt=False, skip_special_tokens=True)
         self._emit = emit
 
     def on_finalized_text(self, text: str, stream_end: bool = False) -> None:
         if text:
             self._emit(text)
+
+
+@dataclass(eq=False)
+class _Row:
+    """One request inside a batched `generate` call."""
+
+    job: _Job
+    max_new_tokens: int
+    streamer: _PieceStreamer
+    generated: int = 0
+    finished: bool = False
+
+    def finish(self, item: Any = _DONE) -> None:
+        if self.finished:
+            return
+        self.finished = True
+        if item is _DONE:
+            self.streamer.end()  # the last word, held back until now
+        self.job.send(item)
+
+
+class _BatchStreamer(BaseStreamer):
+    """Splits each step's tokens by row: every request streams its own text and ends at its
+    own stop token or token limit, while the others in the batch go on."""
+
+    def __init__(self, rows: list[_Row], stop_token_ids: list[int]) -> None:
+        self._rows = rows
+        self._stops = set(stop_token_ids)
+        self._prompt_seen = False
+
+    def put(self, value: torch.Tensor) -> None:
+        if not self._prompt_seen:  # generate hands over the (left-padded) prompts first
+            self._prompt_seen = True
+            return
+        for row, token in zip(self._rows, value.view(-1).tolist(), strict=True):
+            if row.finished:
+                continue
+            if row.job.cancelled.is_set():
+                row.finished = True  # nobody is listening
+            elif token in self._stops:
+                row.finish()
+            else:
+                row.streamer.put(torch.tensor([token]))
+                row.generated += 1
+                if row.generated >= row.max_new_tokens:
+                    row.finish()
+
+    def end(self) -> None:
+        for row in self._rows:
+            row.finish()
 
 
 def default_num_crops(image_count: int) -> int:
@@ -204,11 +261,14 @@ class LocalEngine:
                 return None
             job = self._waiting.popleft()
             self._running = job
+        self._tell_started(job)
+        return job
+
+    def _tell_started(self, job: _Job) -> None:
         try:
             job.loop.call_soon_threadsafe(self._announce_positions, job)
         except RuntimeError:
             job.cancelled.set()
-        return job
 
     def _run(self, loop: asyncio.AbstractEventLoop, ready: asyncio.Future[None]) -> None:
         try:
@@ -218,29 +278,71 @@ class LocalEngine:
             return
         loop.call_soon_threadsafe(_settle, ready, None)
         try:
-            while (job := self._next_job()) is not None:
+            while (batch := self._take_batch()) is not None:
                 try:
-                    if job.cancelled.is_set():
-                        continue
-                    self._generate(job)
-                except EngineError as error:
-                    job.send(error)
-                except Exception as error:
-                    log.exception("generation failed")
-                    _release_gpu_memory()
-                    job.send(error)
-                except BaseException:
-                    log.critical("the model worker stopped", exc_info=True)
-                    job.send(EngineClosed("the model worker stopped"))
-                    raise
-                else:
-                    job.send(_DONE)
+                    if batch:
+                        self._generate(batch)
                 finally:
                     with self._lock:
                         self._running = None
         finally:
             # Whatever happens to this thread, nobody is left waiting for an answer.
             self._fail_waiting(EngineClosed("the model worker stopped"))
+
+    def _take_batch(self) -> list[_Job] | None:
+        """The next request, and those waiting behind it that can share its `generate` call.
+
+        Rows must sample alike (one temperature) and fit MAX_BATCH_TOKENS together, counted
+        as the KV cache a left-padded batch needs: rows x (longest prompt + longest answer).
+        """
+        first = self._next_job()
+        if first is None:
+            return None
+        if first.cancelled.is_set() or not self._prepare(first):
+            return []
+        batch = [first]
+        longest_prompt = first.encoded["input_ids"].shape[1]  # type: ignore[index]
+        longest_answer = self._max_new_tokens(first)
+        while len(batch) < self.settings.max_batch_size:
+            with self._lock:
+                if not self._waiting:
+                    break
+                job = self._waiting.popleft()
+            if job.cancelled.is_set() or not self._prepare(job):
+                continue
+            prompt = max(longest_prompt, job.encoded["input_ids"].shape[1])  # type: ignore[index]
+            answer = max(longest_answer, self._max_new_tokens(job))
+            fits = (len(batch) + 1) * (prompt + answer) <= self.settings.max_batch_tokens
+            if not fits or self._temperature(job) != self._temperature(first):
+                with self._lock:
+                    self._waiting.appendleft(job)  # first in line for the next batch
+                break
+            batch.append(job)
+            longest_prompt, longest_answer = prompt, answer
+            self._tell_started(job)
+        return batch
+
+    def _prepare(self, job: _Job) -> bool:
+        """Encode the request (once); on failure tell its requester and leave it out."""
+        if job.encoded is not None:
+            return True
+        try:
+            job.encoded = self._fit_context(job.request, self._max_new_tokens(job))
+        except EngineError as error:
+            job.send(error)
+            return False
+        except Exception as error:
+            log.exception("preparing a request failed")
+            job.send(error)
+            return False
+        return True
+
+    def _max_new_tokens(self, job: _Job) -> int:
+        return job.request.max_new_tokens or self.settings.max_new_tokens
+
+    def _temperature(self, job: _Job) -> float:
+        temperature = job.request.temperature
+        return self.settings.temperature if temperature is None else temperature
 
     def _encode(self, conversation: Conversation, request: GenerationRequest) -> dict[str, torch.Tensor]:
         loaded = self._loaded
@@ -278,34 +380,77 @@ class LocalEngine:
             f"{context - max_new_tokens} before answering; try fewer images or a shorter question"
         )
 
-    def _generate(self, job: _Job) -> None:
+    def _collate(self, encoded: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
+        """One batch from single prompts: ids and masks left-padded, images concatenated in
+        row order (crops zero-padded to the most any image has; image_sizes says which count).
+        With one prompt this is the prompt itself."""
         loaded = self._loaded
         assert loaded is not None
-        request = job.request
-        max_new_tokens = request.max_new_tokens or self.settings.max_new_tokens
+        if len(encoded) == 1:
+            return {name: tensor.clone() for name, tensor in encoded[0].items()}  # the model edits ids
+        tokenizer = loaded.tokenizer
+        pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+        longest = max(item["input_ids"].shape[1] for item in encoded)
+        input_ids = torch.full((len(encoded), longest), pad_id, dtype=torch.long)
+        attention_mask = torch.zeros((len(encoded), longest), dtype=torch.long)
+        for row, item in enumerate(encoded):
+            length = item["input_ids"].shape[1]
+            input_ids[row, longest - length :] = item["input_ids"][0]
+            attention_mask[row, longest - length :] = item.get("attention_mask", torch.ones(1, length))[0]
+        batch = {"input_ids": input_ids, "attention_mask": attention_mask}
+        pixels = [item["pixel_values"] for item in encoded if "pixel_values" in item]
+        if pixels:
+            slots = max(p.shape[1] for p in pixels)
+            batch["pixel_values"] = torch.cat(
+                [torch.nn.functional.pad(p, (0, 0, 0, 0, 0, 0, 0, slots - p.shape[1])) for p in pixels]
+            )
+            batch["image_sizes"] = torch.cat(
+                [item["image_sizes"] for item in encoded if "image_sizes" in item]
+            )
+        return batch
+
+    def _generate(self, batch: list[_Job]) -> None:
+        loaded = self._loaded
+        assert loaded is not None
+        tokenizer = loaded.tokenizer
+        rows = [_Row(job, self._max_new_tokens(job), _PieceStreamer(tokenizer, job.send)) for job in batch]
         inputs = {
             name: tensor.to(loaded.device)
-            for name, tensor in self._fit_context(request, max_new_tokens).items()
+            for name, tensor in self._collate([job.encoded for job in batch]).items()  # type: ignore[misc]
         }
         if "pixel_values" in inputs:
             inputs["pixel_values"] = inputs["pixel_values"].to(loaded.dtype)
-        temperature = self.settings.temperature if request.temperature is None else request.temperature
+        temperature = self._temperature(batch[0])
         sampling: dict[str, Any] = (
             {"do_sample": True, "temperature": temperature} if temperature > 0 else {"do_sample": False}
         )
-        tokenizer = loaded.tokenizer
-        with torch.inference_mode():
-            loaded.model.generate(
-                **inputs,
-                **sampling,
-                max_new_tokens=max_new_tokens,
-                eos_token_id=loaded.stop_token_ids,
-                pad_token_id=tokenizer.pad_token_id
-                if tokenizer.pad_token_id is not None
-                else tokenizer.eos_token_id,
-                streamer=_PieceStreamer(tokenizer, job.send),
-                stopping_criteria=StoppingCriteriaList([_StopWhen(job.cancelled, self._closing)]),
-            )
+        if len(batch) > 1:
+            log.info("generating %d answers in one batch", len(batch))
+        try:
+            with torch.inference_mode():
+                loaded.model.generate(
+                    **inputs,
+                    **sampling,
+                    max_new_tokens=max(row.max_new_tokens for row in rows),
+                    eos_token_id=loaded.stop_token_ids,
+                    pad_token_id=tokenizer.pad_token_id
+                    if tokenizer.pad_token_id is not None
+                    else tokenizer.eos_token_id,
+                    streamer=_BatchStreamer(rows, loaded.stop_token_ids),
+                    stopping_criteria=StoppingCriteriaList([_StopRows(rows, self._closing)]),
+                )
+        except Exception as error:
+            log.exception("generation failed")
+            _release_gpu_memory()
+            for row in rows:
+                row.finish(error)
+        except BaseException:
+            log.critical("the model worker stopped", exc_info=True)
+            for row in rows:
+                row.finish(EngineClosed("the model worker stopped"))
+            raise
+        for row in rows:  # normally done by the streamer; this covers a generate that ends early
+            row.finish()
 
 
 def _settle(future: asyncio.Future[None], error: BaseException | None) -> None:

@@ -84,6 +84,10 @@ class InferenceSettings:
     temperature: float = 0.0
     # None: the model's own context (max_position_embeddings). Lower it to bound GPU memory.
     max_context_tokens: int | None = None
+    # Micro-batching in the local engine: requests waiting together run in one generate call,
+    # at most this many, and at most this many tokens (prompts + answers: the KV cache) in all.
+    max_batch_size: int = 8
+    max_batch_tokens: int = 16384
     engine: str = "local"
     # ENGINE=openai: an OpenAI-compatible server (such as vLLM) runs the model.
     openai_base_url: str = DEFAULT_OPENAI_BASE_URL
@@ -112,6 +116,8 @@ class InferenceSettings:
             max_new_tokens=env_int(env, "MAX_NEW_TOKENS", 1000, minimum=1) or 1000,
             temperature=env_float(env, "TEMPERATURE", 0.0),
             max_context_tokens=env_int(env, "MAX_CONTEXT_TOKENS", None, minimum=16),
+            max_batch_size=env_int(env, "MAX_BATCH_SIZE", 8, minimum=1) or 8,
+            max_batch_tokens=env_int(env, "MAX_BATCH_TOKENS", 16384, minimum=16) or 16384,
             engine=env_choice(env, "ENGINE", "local", ENGINES),
             openai_base_url=check_base_url(
                 env_str(env, "OPENAI_BASE_URL", DEFAULT_OPENAI_BASE_URL) or DEFAULT_OPENAI_BASE_URL

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import time
 from collections.abc import AsyncIterator
 from dataclasses import replace
@@ -271,3 +272,68 @@ async def test_oldest_exchanges_are_left_out_to_fit_the_context(settings: Infere
         assert "".join(await collect(engine, ask("Say hello", max_new_tokens=10))).startswith("Hello")
     finally:
         await engine.close()
+
+
+def batch_requests() -> list[GenerationRequest]:
+    """Different shapes on purpose: text only, one image (16 crops), two images (4 crops),
+    scripted and unscripted, short and long."""
+    blue = Image.new("RGB", (96, 40), "blue")
+    return [
+        ask("ramble on", max_new_tokens=24),
+        ask("ramble on about this", [red()], max_new_tokens=12),
+        ask("count images", [red(), blue]),
+        ask("Say hello", [blue]),
+        ask("what do you see in the first one", [blue, red()], max_new_tokens=30),
+    ]
+
+
+async def answers_one_at_a_time(settings: InferenceSettings) -> list[str]:
+    engine = LocalEngine(replace(settings, max_batch_size=1))
+    await engine.start()
+    try:
+        return ["".join(await collect(engine, request)) for request in batch_requests()]
+    finally:
+        await engine.close()
+
+
+async def test_batched_greedy_answers_equal_the_answers_alone(
+    settings: InferenceSettings, caplog: pytest.LogCaptureFixture
+) -> None:
+    alone = await answers_one_at_a_time(settings)
+    engine = LocalEngine(settings)
+    await engine.start()
+    try:
+        blocker = engine.stream(ask("slow story", max_new_tokens=6))
+        await anext(blocker)  # the worker is busy: the next five wait together
+        caplog.set_level(logging.INFO, logger="inference.local_engine")
+        together = asyncio.gather(*(collect(engine, request) for request in batch_requests()))
+        await collect_rest(blocker)
+        batched = ["".join(pieces) for pieces in await together]
+    finally:
+        await engine.close()
+    assert "generating 5 answers in one batch" in caplog.text
+    assert batched == alone
+    assert batched[2] == "I see 2 images." and batched[3] == "Hello there, my friend! How are you today?"
+
+
+async def test_one_request_of_a_batch_can_be_cancelled_alone(
+    settings: InferenceSettings, caplog: pytest.LogCaptureFixture
+) -> None:
+    alone = await answers_one_at_a_time(settings)
+    engine = LocalEngine(settings)
+    await engine.start()
+    try:
+        blocker = engine.stream(ask("slow story", max_new_tokens=6))
+        await anext(blocker)
+        caplog.set_level(logging.INFO, logger="inference.local_engine")
+        tasks = [asyncio.create_task(collect(engine, request)) for request in batch_requests()]
+        leaving = engine.stream(ask("slow story", max_new_tokens=300))
+        first_piece = asyncio.create_task(anext(leaving))  # joins the line behind the five
+        await collect_rest(blocker)
+        assert await first_piece
+        await leaving.aclose()  # 300 slow tokens would take 15 s; the others must not wait
+        answers = ["".join(pieces) for pieces in await asyncio.gather(*tasks)]
+    finally:
+        await engine.close()
+    assert "generating 6 answers in one batch" in caplog.text
+    assert answers == alone
