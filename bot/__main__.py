@@ -13,7 +13,7 @@ from dotenv import find_dotenv, load_dotenv
 
 from inference import SettingsError, create_engine
 
-from .client import SeeBot
+from .client import create_bot
 from .discord_api import use_api_base
 from .settings import BotSettings
 
@@ -23,7 +23,7 @@ log = logging.getLogger("bot")
 async def run(settings: BotSettings) -> int:
     if settings.api_base_url:
         use_api_base(settings.api_base_url)
-    bot = SeeBot(settings, create_engine(settings.inference))
+    bot = create_bot(settings, create_engine(settings.inference))
     loop = asyncio.get_running_loop()
     stopping: list[asyncio.Task[None]] = []  # a reference keeps the task alive
     for signal_number in (signal.SIGINT, signal.SIGTERM):

@@ -6,6 +6,7 @@ import asyncio
 import contextlib
 import logging
 from collections.abc import Iterator, Sequence
+from typing import Any
 
 import discord
 from discord import app_commands
@@ -41,12 +42,12 @@ def thread_name(question: str) -> str:
 
 
 class SeeBot(discord.Client):
-    def __init__(self, settings: BotSettings, engine: Engine) -> None:
+    def __init__(self, settings: BotSettings, engine: Engine, **client_options: Any) -> None:
         # The bot never joins voice: the "PyNaCl/davey is not installed" warnings are noise.
         discord.VoiceClient.warn_nacl = discord.VoiceClient.warn_dave = False
         intents = discord.Intents.default()
         intents.message_content = True
-        super().__init__(intents=intents, allowed_mentions=discord.AllowedMentions.none())
+        super().__init__(intents=intents, allowed_mentions=discord.AllowedMentions.none(), **client_options)
         self.settings = settings
         self.engine = engine
         self.tree = app_commands.CommandTree(self)
@@ -354,3 +355,17 @@ class SeeBot(discord.Client):
     @property
     def _default_question(self) -> str:
         return self.settings.describe_prompt
+
+
+class ShardedSeeBot(SeeBot, discord.AutoShardedClient):
+    """The same bot over several gateway connections (shards), for bots in many servers.
+
+    Discord requires sharding from 2,500 servers; all shards of a process share one engine.
+    """
+
+
+def create_bot(settings: BotSettings, engine: Engine) -> SeeBot:
+    """A plain client, or with SHARD_COUNT set, an auto-sharded one (0 = Discord's advice)."""
+    if settings.shard_count is None:
+        return SeeBot(settings, engine)
+    return ShardedSeeBot(settings, engine, shard_count=settings.shard_count or None)

@@ -37,6 +37,13 @@ def env_bool(env: Mapping[str, str], name: str, default: bool) -> bool:
     raise SettingsError(f"{name} must be true or false, got {raw!r}")
 
 
+def env_shards(env: Mapping[str, str], name: str) -> int | None:
+    raw = env.get(name, "").strip().lower()
+    if raw == "auto":
+        return 0
+    return env_int(env, name, None, minimum=1)
+
+
 class MissingToken(SettingsError):
     """DISCORD_TOKEN is not set."""
 
@@ -64,6 +71,8 @@ class BotSettings:
     allowed_user_ids: frozenset[int] = frozenset()
     blocked_user_ids: frozenset[int] = frozenset()
     allow_dms: bool = True
+    # None: one gateway connection; 0: as many shards as Discord advises; N: N shards.
+    shard_count: int | None = None
     # Images people send (bot/images.py): bytes per image (declared and downloaded), pixels
     # per image (checked from the header, before decoding), images per request/conversation.
     max_image_bytes: int = 20 * 1024 * 1024
@@ -99,6 +108,7 @@ class BotSettings:
             allowed_user_ids=env_ids(env, "ALLOWED_USER_IDS"),
             blocked_user_ids=env_ids(env, "BLOCKED_USER_IDS"),
             allow_dms=env_bool(env, "ALLOW_DMS", True),
+            shard_count=env_shards(env, "SHARD_COUNT"),
             max_image_bytes=env_int(env, "MAX_IMAGE_BYTES", 20 * 1024 * 1024, minimum=1) or 20 * 1024 * 1024,
             max_image_pixels=env_int(env, "MAX_IMAGE_PIXELS", 40_000_000, minimum=1) or 40_000_000,
             max_images=env_int(env, "MAX_IMAGES", 4, minimum=1) or 4,
