@@ -4,6 +4,7 @@ says no, and that it then serves the next request normally."""
 from __future__ import annotations
 
 import asyncio
+import re
 import signal
 import subprocess
 import sys
@@ -13,8 +14,10 @@ from pathlib import Path
 import pytest
 import pytest_asyncio
 
+from inference import Conversation, Turn, build_prompt
 from tests.fake_discord import FakeDiscord
-from tests.test_bot_e2e import RunningBot, answer_in_thread, bot_env, new_channel
+from tests.synthetic_images import bar_chart
+from tests.test_bot_e2e import RunningBot, answer_in_thread, bot_env, new_channel, png
 
 pytestmark = pytest.mark.asyncio(loop_scope="module")
 
@@ -157,5 +160,65 @@ async def test_shutdown_tells_the_requester_and_exits_cleanly(
             "⚠️ The bot is restarting, so this answer was cut off. Please ask again in a minute."
         )
         assert await asyncio.wait_for(bot.process.wait(), 10) == 0
+    finally:
+        await stop(bot)
+
+
+def prompt_length(model_dir: Path, conversation: Conversation) -> int:
+    """Tokens the tiny model's processor makes of a conversation (the engine counts the same)."""
+    from transformers import AutoProcessor
+
+    processor = AutoProcessor.from_pretrained(model_dir, trust_remote_code=True)
+    images = conversation.images
+    processor.image_processor.num_crops = 16 if len(images) <= 1 else 4
+    encoded = processor(build_prompt(conversation), images or None, return_tensors="pt")
+    return int(encoded["input_ids"].shape[1])
+
+
+async def test_a_long_thread_leaves_out_its_oldest_exchange_and_a_too_long_question_is_refused(
+    fake: FakeDiscord, tiny_model_dir: Path, tmp_path: Path
+) -> None:
+    chart = bar_chart()
+    first = Turn("user", "count images", (chart,))
+    alone = prompt_length(tiny_model_dir, Conversation((first,)))
+    follow_up = Turn("user", "count images again")
+    whole = prompt_length(
+        tiny_model_dir, Conversation((first, Turn("assistant", "I see 1 images."), follow_up))
+    )
+    answer_tokens = 20
+    assert alone + answer_tokens < whole + answer_tokens
+    bot = await start_bot(
+        fake,
+        tiny_model_dir,
+        tmp_path,
+        MAX_NEW_TOKENS=str(answer_tokens),
+        MAX_CONTEXT_TOKENS=str(alone + answer_tokens),  # the first question fits; the thread does not
+    )
+    try:
+        question = await fake.send_message(
+            fake.alice,
+            await new_channel(fake, "context"),
+            "count images",
+            attachments=[png(chart)],
+            mention_bot=True,
+        )
+        await answer_in_thread(fake, question, "I see 1 images.")
+        await fake.send_message(fake.alice, int(question["id"]), "count images again")
+        answers = await answer_in_thread(fake, question, "I see 0 images.")  # the first exchange left out
+        assert [m["content"] for m in answers] == ["I see 1 images.", "I see 0 images."]
+
+        too_long = await fake.send_message(
+            fake.alice,
+            await new_channel(fake, "too-long"),
+            "count images",
+            attachments=[png(chart), png(chart), png(chart)],
+            mention_bot=True,
+        )
+        refusal = await fake.wait_for_bot_message(int(too_long["id"]), timeout=30)
+        assert re.fullmatch(
+            r"⚠️ Sorry, I could not answer: the question and its images take \d+ tokens, and the model reads "
+            r"at most \d+ before answering; try fewer images or a shorter question",
+            refusal["content"],
+        ), refusal["content"]
     finally:
         await stop(bot)
