@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 import pytest_asyncio
 
+from tests.bot_process import RunningBot, answer_in_thread, new_channel, start_bot, stop
 from tests.fake_discord import (
     MANAGE_MESSAGES,
     MEMBER_PERMISSIONS,
@@ -15,8 +16,6 @@ from tests.fake_discord import (
     FakeDiscordTimeout,
     InteractionRecord,
 )
-from tests.test_bot_e2e import RunningBot, answer_in_thread, new_channel
-from tests.test_bot_limits_e2e import start_bot, stop
 
 pytestmark = pytest.mark.asyncio(loop_scope="module")
 

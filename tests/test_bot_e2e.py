@@ -7,19 +7,15 @@ test talks in its own channel, thread or DM, so tests do not see each other's me
 from __future__ import annotations
 
 import asyncio
-import io
 import itertools
-import os
 import re
-import subprocess
-import sys
 from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
 import pytest_asyncio
-from PIL import Image
 
+from tests.bot_process import RunningBot, answer_in_thread, new_channel, png, start_bot, stop
 from tests.conftest import LONG_CODE_ANSWER
 from tests.fake_discord import FakeDiscord, allows_no_pings
 from tests.synthetic_images import bar_chart, book_cover, team_photo
@@ -27,37 +23,6 @@ from tests.synthetic_images import bar_chart, book_cover, team_photo
 ROOT = Path(__file__).resolve().parent.parent
 HEARTBEAT_MS = 1000
 pytestmark = pytest.mark.asyncio(loop_scope="module")
-
-
-def png(image: Image.Image, name: str = "image.png") -> tuple[str, bytes, str]:
-    buffer = io.BytesIO()
-    image.save(buffer, "PNG")
-    return (name, buffer.getvalue(), "image/png")
-
-
-class RunningBot:
-    def __init__(self, process: asyncio.subprocess.Process, log_path: Path) -> None:
-        self.process = process
-        self.log_path = log_path
-
-    @property
-    def log(self) -> str:
-        return self.log_path.read_text(errors="replace")
-
-
-def bot_env(fake: FakeDiscord, model_dir: Path) -> dict[str, str]:
-    return {
-        **os.environ,
-        "PYTHONPATH": str(ROOT),
-        "OMP_NUM_THREADS": "1",
-        "DISCORD_TOKEN": fake.token,
-        "DISCORD_API_BASE_URL": fake.api_base_url,
-        "MODEL_ID": str(model_dir),
-        "DEVICE": "cpu",
-        "MAX_NEW_TOKENS": "4000",
-        "STREAM_EDIT_INTERVAL_SECONDS": "0.3",
-        "LOG_LEVEL": "INFO",
-    }
 
 
 @pytest_asyncio.fixture(scope="module", loop_scope="module")
@@ -70,52 +35,10 @@ async def fake() -> AsyncIterator[FakeDiscord]:
 async def bot(
     fake: FakeDiscord, tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory
 ) -> AsyncIterator[RunningBot]:
-    workdir = tmp_path_factory.mktemp("bot")
-    log_path = workdir / "bot.log"
-    with log_path.open("wb") as log_file:
-        process = await asyncio.create_subprocess_exec(
-            sys.executable,
-            "-m",
-            "bot",
-            cwd=workdir,
-            env=bot_env(fake, tiny_model_dir),
-            stdin=subprocess.DEVNULL,
-            stdout=log_file,
-            stderr=subprocess.STDOUT,
-        )
-        running = RunningBot(process, log_path)
-        try:
-            await fake.wait_until_ready(timeout=60, commands=["ask", "ocr", "compare"])
-            yield running
-        finally:
-            if process.returncode is None:
-                process.terminate()
-                await asyncio.wait_for(process.wait(), 30)
-    assert fake.token not in running.log, "the token must never be logged"
+    bot = await start_bot(fake, tiny_model_dir, tmp_path_factory.mktemp("bot"))
+    yield bot
+    await stop(bot)
     assert not fake.unknown_routes, fake.unknown_routes
-
-
-def no_pings_anywhere(fake: FakeDiscord) -> None:
-    writes = [w for w in fake.message_writes if w.allowed_mentions is not None or w.kind != "followup"]
-    assert writes
-    for write in fake.message_writes:
-        assert allows_no_pings(write.allowed_mentions), write
-
-
-async def new_channel(fake: FakeDiscord, name: str) -> int:
-    return int((await fake.add_text_channel(name))["id"])
-
-
-async def answer_in_thread(fake: FakeDiscord, message: dict, text: str, timeout: float = 30) -> list[dict]:
-    """Waits for the thread made from `message` to hold a bot answer ending with `text`."""
-    thread_id = int(message["id"])
-    await fake.wait_for(lambda: thread_id in fake.threads, timeout, description="a thread from the question")
-
-    def answered() -> list[dict] | None:
-        messages = fake.bot_messages_in(thread_id)
-        return messages if messages and messages[-1]["content"].endswith(text) else None
-
-    return await fake.wait_for(answered, timeout, description=f"an answer ending {text!r}")
 
 
 async def test_mention_with_an_image_opens_a_thread_and_answers_there(

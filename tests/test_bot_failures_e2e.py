@@ -12,10 +12,9 @@ from pathlib import Path
 import pytest
 import pytest_asyncio
 
+from tests.bot_process import RunningBot, answer_in_thread, new_channel, png, start_bot, stop
 from tests.fake_discord import FakeDiscord
 from tests.synthetic_images import book_cover
-from tests.test_bot_e2e import RunningBot, answer_in_thread, new_channel, png
-from tests.test_bot_limits_e2e import start_bot, stop
 
 pytestmark = pytest.mark.asyncio(loop_scope="module")
 

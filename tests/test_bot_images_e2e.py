@@ -7,10 +7,7 @@ so that the tests stay fast.
 
 from __future__ import annotations
 
-import asyncio
 import io
-import subprocess
-import sys
 from collections.abc import AsyncIterator
 from pathlib import Path
 
@@ -18,9 +15,9 @@ import pytest
 import pytest_asyncio
 from PIL import Image
 
+from tests.bot_process import RunningBot, answer_in_thread, new_channel, png, start_bot, stop
 from tests.fake_discord import FakeDiscord
 from tests.synthetic_images import bar_chart, book_cover, team_photo
-from tests.test_bot_e2e import HEARTBEAT_MS, RunningBot, answer_in_thread, bot_env, new_channel, png
 from tests.test_images import png_header_only
 
 pytestmark = pytest.mark.asyncio(loop_scope="module")
@@ -46,7 +43,7 @@ def noise(side: int, name: str) -> tuple[str, bytes, str]:
 
 @pytest_asyncio.fixture(scope="module", loop_scope="module")
 async def fake() -> AsyncIterator[FakeDiscord]:
-    async with FakeDiscord(heartbeat_interval_ms=HEARTBEAT_MS) as fake:
+    async with FakeDiscord(heartbeat_interval_ms=1000) as fake:
         yield fake
 
 
@@ -54,35 +51,18 @@ async def fake() -> AsyncIterator[FakeDiscord]:
 async def bot(
     fake: FakeDiscord, tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory
 ) -> AsyncIterator[RunningBot]:
-    workdir = tmp_path_factory.mktemp("bot-images")
-    log_path = workdir / "bot.log"
-    env = {
-        **bot_env(fake, tiny_model_dir),
-        "MAX_IMAGE_BYTES": str(MAX_IMAGE_BYTES),
-        "MAX_IMAGE_PIXELS": "40000000",
-        "MAX_IMAGES": "4",
-        "IMAGE_DOWNLOAD_TIMEOUT_SECONDS": "1",
-    }
-    with log_path.open("wb") as log_file:
-        process = await asyncio.create_subprocess_exec(
-            sys.executable,
-            "-m",
-            "bot",
-            cwd=workdir,
-            env=env,
-            stdin=subprocess.DEVNULL,
-            stdout=log_file,
-            stderr=subprocess.STDOUT,
-        )
-        running = RunningBot(process, log_path)
-        try:
-            await fake.wait_until_ready(timeout=60, commands=["ask", "ocr", "compare"])
-            yield running
-        finally:
-            if process.returncode is None:
-                process.terminate()
-                await asyncio.wait_for(process.wait(), 30)
-    assert "Traceback" not in running.log, running.log
+    bot = await start_bot(
+        fake,
+        tiny_model_dir,
+        tmp_path_factory.mktemp("bot-images"),
+        MAX_IMAGE_BYTES=str(MAX_IMAGE_BYTES),
+        MAX_IMAGE_PIXELS="40000000",
+        MAX_IMAGES="4",
+        IMAGE_DOWNLOAD_TIMEOUT_SECONDS="1",
+    )
+    yield bot
+    await stop(bot)
+    assert "Traceback" not in bot.log, bot.log  # every bad image is handled, none crashes a handler
     assert not fake.unknown_routes, fake.unknown_routes
 
 

@@ -6,8 +6,6 @@ from __future__ import annotations
 import asyncio
 import re
 import signal
-import subprocess
-import sys
 from collections.abc import AsyncIterator
 from pathlib import Path
 
@@ -15,33 +13,11 @@ import pytest
 import pytest_asyncio
 
 from inference import Conversation, Turn, build_prompt
+from tests.bot_process import RunningBot, answer_in_thread, new_channel, png, start_bot, stop
 from tests.fake_discord import FakeDiscord
 from tests.synthetic_images import bar_chart
-from tests.test_bot_e2e import RunningBot, answer_in_thread, bot_env, new_channel, png
 
 pytestmark = pytest.mark.asyncio(loop_scope="module")
-
-
-async def start_bot(fake: FakeDiscord, model_dir: Path, workdir: Path, **settings: str) -> RunningBot:
-    log_path = workdir / "bot.log"
-    process = await asyncio.create_subprocess_exec(
-        sys.executable,
-        "-m",
-        "bot",
-        cwd=workdir,
-        env={**bot_env(fake, model_dir), **settings},
-        stdin=subprocess.DEVNULL,
-        stdout=log_path.open("wb"),
-        stderr=subprocess.STDOUT,
-    )
-    await fake.wait_until_ready(timeout=60, commands=["ask"])
-    return RunningBot(process, log_path)
-
-
-async def stop(bot: RunningBot) -> None:
-    if bot.process.returncode is None:
-        bot.process.terminate()
-        await asyncio.wait_for(bot.process.wait(), 30)
 
 
 @pytest_asyncio.fixture(scope="module", loop_scope="module")

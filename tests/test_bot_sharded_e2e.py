@@ -6,9 +6,8 @@ from pathlib import Path
 
 import pytest
 
+from tests.bot_process import answer_in_thread, new_channel, start_bot, stop
 from tests.fake_discord import FakeDiscord
-from tests.test_bot_e2e import answer_in_thread, new_channel
-from tests.test_bot_limits_e2e import start_bot, stop
 
 
 @pytest.mark.asyncio
