@@ -1,0 +1,123 @@
+"""Command line of `python -m bench`: options, an offline environment, the run, the output.
+
+The environment (HF_HOME in a temp dir, offline hub, one torch thread) is set before torch
+or transformers is imported, which is why the measurement modules are imported late.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import os
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+log = logging.getLogger("bench")
+
+SECTIONS = ("lag", "overhead", "throughput")
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        prog="python -m bench",
+        description="Measure event-loop lag, bot overhead and throughput; print Markdown tables.",
+    )
+    parser.add_argument("--out", type=Path, default=Path("bench/results.json"), help="JSON results file")
+    parser.add_argument("--quick", action="store_true", help="fewer repetitions (a smoke run)")
+    parser.add_argument(
+        "--model",
+        default=None,
+        help="model directory or hub id (default: build the tiny offline model in a temp dir)",
+    )
+    parser.add_argument("--device", default="cpu", help="cpu (default), cuda or cuda:N")
+    parser.add_argument(
+        "--only", action="append", choices=SECTIONS, help="run only this measurement (repeatable)"
+    )
+    return parser.parse_args(argv)
+
+
+def prepare_environment(offline: bool) -> Path:
+    """A private HF cache (remote code is copied there); no network for the tiny model."""
+    hf_home = Path(tempfile.mkdtemp(prefix="seebot-bench-hf-"))
+    os.environ["HF_HOME"] = str(hf_home)
+    if offline:
+        os.environ["HF_HUB_OFFLINE"] = "1"
+        os.environ["TRANSFORMERS_OFFLINE"] = "1"
+    os.environ["TOKENIZERS_PARALLELISM"] = "false"
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
+    for name in ("DISCORD_TOKEN", "MODEL_ID", "DEVICE", "NUM_CROPS", "MAX_NEW_TOKENS", "TEMPERATURE"):
+        os.environ.pop(name, None)
+    return hf_home
+
+
+async def run(args: argparse.Namespace, sections: tuple[str, ...]) -> dict[str, Any]:
+    import torch
+
+    torch.set_num_threads(1)  # 2 shared cores: more threads are slower and erratic
+
+    from .loop_lag import LagConfig, measure_loop_lag
+    from .machine import machine_info
+    from .model import BenchModel, build_tiny
+    from .overhead import OverheadConfig, measure_overhead
+    from .throughput import ThroughputConfig, measure_throughput
+
+    if args.model is None:
+        model = build_tiny(Path(tempfile.mkdtemp(prefix="seebot-bench-tiny-")), args.device)
+    else:
+        model = BenchModel(args.model, args.device, tiny=False)
+    quick = args.quick
+    lag = LagConfig(
+        generations=2 if quick else 8,
+        bursts=1 if quick else 3,
+        max_new_tokens=256,
+        idle_seconds=0.5 if quick else 2.0,
+    )
+    overhead = OverheadConfig(runs=3 if quick else 9, max_new_tokens=256)
+    throughput = ThroughputConfig(
+        max_new_tokens=64, rounds=1 if quick else 8, min_requests=4 if quick else 32
+    )
+    results: dict[str, Any] = {
+        "machine": machine_info(args.device),
+        "config": {
+            "model": "tiny (tests.tiny_model, built offline)" if model.tiny else model.model_id,
+            "device": args.device,
+            "quick": quick,
+            "loop_lag": vars(lag),
+            "overhead": vars(overhead),
+            "throughput": vars(throughput),
+        },
+    }
+    if "lag" in sections:
+        log.info("measuring event-loop lag")
+        results["loop_lag"] = await measure_loop_lag(model, lag)
+    if "overhead" in sections:
+        log.info("measuring bot overhead (starts python -m bot against a fake Discord)")
+        results["overhead"] = await measure_overhead(model, overhead)
+    if "throughput" in sections:
+        log.info("measuring throughput")
+        results["throughput"] = await measure_throughput(model, throughput)
+    return results
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    logging.basicConfig(
+        level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr
+    )
+    started = time.perf_counter()
+    prepare_environment(offline=args.model is None)
+    sections = tuple(args.only) if args.only else SECTIONS
+    results = asyncio.run(run(args, sections))
+    results["wall_seconds"] = time.perf_counter() - started
+
+    from .report import render, write_json
+
+    sys.stdout.write(render(results))
+    sys.stdout.flush()
+    write_json(results, args.out)
+    log.info("wrote %s; wall time %.0f s", args.out, results["wall_seconds"])
+    return 0
