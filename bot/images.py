@@ -37,9 +37,8 @@ import asyncio
 import io
 import logging
 import math
-import os
 import re
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import PurePosixPath
 from typing import Any, Protocol
@@ -95,32 +94,13 @@ class ImageLimits:
 
     @classmethod
     def from_settings(cls, settings: Any) -> ImageLimits:
-        """From a :class:`bot.settings.BotSettings`."""
+        """From a :class:`bot.settings.BotSettings` (which reads and checks the environment)."""
         num_crops = getattr(getattr(settings, "inference", None), "num_crops", None)
         return cls(
             max_bytes=settings.max_image_bytes,
             max_pixels=settings.max_image_pixels,
             max_images=settings.max_images,
             download_timeout_seconds=settings.image_download_timeout_seconds,
-            max_crops=max(DEFAULT_MAX_CROPS, num_crops or 0),
-        )
-
-    @classmethod
-    def from_env(cls, env: Mapping[str, str] | None = None) -> ImageLimits:
-        """The same settings read straight from the environment (for code without settings)."""
-        from inference.settings import env_float, env_int
-
-        env = os.environ if env is None else env
-        num_crops = env_int(env, "NUM_CROPS", None, minimum=1)
-        return cls(
-            max_bytes=env_int(env, "MAX_IMAGE_BYTES", DEFAULT_MAX_IMAGE_BYTES, minimum=1)
-            or DEFAULT_MAX_IMAGE_BYTES,
-            max_pixels=env_int(env, "MAX_IMAGE_PIXELS", DEFAULT_MAX_IMAGE_PIXELS, minimum=1)
-            or DEFAULT_MAX_IMAGE_PIXELS,
-            max_images=env_int(env, "MAX_IMAGES", DEFAULT_MAX_IMAGES, minimum=1) or DEFAULT_MAX_IMAGES,
-            download_timeout_seconds=env_float(
-                env, "IMAGE_DOWNLOAD_TIMEOUT_SECONDS", DEFAULT_DOWNLOAD_TIMEOUT_SECONDS, minimum=0.1
-            ),
             max_crops=max(DEFAULT_MAX_CROPS, num_crops or 0),
         )
 
