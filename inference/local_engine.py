@@ -28,6 +28,7 @@ log = logging.getLogger(__name__)
 
 _DONE = object()
 MODEL_INPUTS = ("input_ids", "attention_mask", "pixel_values", "image_sizes")
+BATCH_GATHER_SECONDS = 0.002
 
 
 @dataclass(eq=False)
@@ -305,6 +306,10 @@ class LocalEngine:
         longest_answer = self._max_new_tokens(first)
         while len(batch) < self.settings.max_batch_size:
             with self._lock:
+                if len(batch) == 1:
+                    # Requests often arrive in bursts (a batch just ended and its askers ask
+                    # again): a few milliseconds of patience turn a batch of 1 into a full one.
+                    self._lock.wait_for(lambda: self._waiting or self._closing.is_set(), BATCH_GATHER_SECONDS)
                 if not self._waiting:
                     break
                 job = self._waiting.popleft()
