@@ -21,6 +21,7 @@ from transformers.generation.streamers import BaseStreamer
 
 from .conversation import Conversation, PromptError, build_prompt, without_oldest_exchange
 from .engine import EngineClosed, EngineError, GenerationError, GenerationRequest, PromptTooLong
+from .fast_path import FastPathGenerator, FastPathUnavailable
 from .loading import LoadedModel, load_model
 from .settings import InferenceSettings
 
@@ -142,6 +143,11 @@ class _BatchStreamer(BaseStreamer):
             row.finish()
 
 
+def padding_id(tokenizer: Any) -> int:
+    """Phi-3's pad is its eos, `<|endoftext|>`; fall back to eos for tokenizers without one."""
+    return tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+
+
 def default_num_crops(image_count: int) -> int:
     """The model cards' advice: 16 crops for a single image, 4 for multi-image prompts."""
     return 16 if image_count <= 1 else 4
@@ -164,6 +170,7 @@ class LocalEngine:
         self._closing = threading.Event()
         self._loaded: LoadedModel | None = None
         self._running: _Job | None = None
+        self._fast: FastPathGenerator | None = None
 
     @property
     def loaded(self) -> LoadedModel | None:
@@ -194,6 +201,7 @@ class LocalEngine:
         if thread is not None and thread.is_alive():
             await asyncio.to_thread(thread.join, 5)  # a token or two; a model still loading is abandoned
         self._fail_waiting(EngineClosed("the bot is shutting down"))
+        self._fast = None
         self._loaded = None
         if torch.cuda.is_available():
             torch.cuda.empty_cache()
@@ -274,6 +282,7 @@ class LocalEngine:
     def _run(self, loop: asyncio.AbstractEventLoop, ready: asyncio.Future[None]) -> None:
         try:
             self._loaded = self._loader(self.settings)
+            self._fast = self._fast_path(self._loaded)
         except BaseException as error:
             loop.call_soon_threadsafe(_settle, ready, error)
             return
@@ -289,6 +298,22 @@ class LocalEngine:
         finally:
             # Whatever happens to this thread, nobody is left waiting for an answer.
             self._fail_waiting(EngineClosed("the model worker stopped"))
+
+    def _fast_path(self, loaded: LoadedModel) -> FastPathGenerator | None:
+        """The native-Phi-3 generator when FAST_PATH asks for it and the model fits; anything
+        that does not fit falls back to the plain path with one log line, never a crash."""
+        wanted = self.settings.fast_path
+        if wanted == "off" or (wanted == "auto" and loaded.device.type != "cuda"):
+            return None
+        on_cuda = loaded.device.type == "cuda"
+        compile_decode = self.settings.compile == "on" or (self.settings.compile == "auto" and on_cuda)
+        try:
+            fast = FastPathGenerator(loaded.model, compile=compile_decode and on_cuda)
+        except FastPathUnavailable as reason:
+            log.warning("fast path off, using the plain path: %s", reason)
+            return None
+        log.info("fast path on: native Phi-3, %s", "CUDA graphs" if compile_decode and on_cuda else "eager")
+        return fast
 
     def _take_batch(self) -> list[_Job] | None:
         """The next request, and those waiting behind it that can share its `generate` call.
@@ -394,7 +419,7 @@ class LocalEngine:
         if len(encoded) == 1:
             return {name: tensor.clone() for name, tensor in encoded[0].items()}  # the model edits ids
         tokenizer = loaded.tokenizer
-        pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+        pad_id = padding_id(tokenizer)
         longest = max(item["input_ids"].shape[1] for item in encoded)
         input_ids = torch.full((len(encoded), longest), pad_id, dtype=torch.long)
         attention_mask = torch.zeros((len(encoded), longest), dtype=torch.long)
@@ -431,21 +456,25 @@ class LocalEngine:
         )
         if len(batch) > 1:
             log.info("generating %d answers in one batch", len(batch))
+        pad_id = padding_id(tokenizer)
+        arguments: dict[str, Any] = {
+            **sampling,
+            "max_new_tokens": max(row.max_new_tokens for row in rows),
+            "eos_token_id": loaded.stop_token_ids,
+            "pad_token_id": pad_id,
+            "streamer": _BatchStreamer(rows, loaded.stop_token_ids),
+            "stopping_criteria": StoppingCriteriaList([_StopRows(rows, self._closing)]),
+        }
         try:
             with torch.inference_mode():
-                loaded.model.generate(
-                    **inputs,
-                    **sampling,
-                    max_new_tokens=max(row.max_new_tokens for row in rows),
-                    eos_token_id=loaded.stop_token_ids,
-                    pad_token_id=tokenizer.pad_token_id
-                    if tokenizer.pad_token_id is not None
-                    else tokenizer.eos_token_id,
-                    streamer=_BatchStreamer(rows, loaded.stop_token_ids),
-                    stopping_criteria=StoppingCriteriaList([_StopRows(rows, self._closing)]),
-                )
+                if self._fast is not None:
+                    self._fast.generate(inputs, **arguments)
+                else:
+                    loaded.model.generate(**inputs, **arguments)
         except Exception as error:
             log.exception("generation failed")
+            if self._fast is not None:
+                self._fast.release()
             _release_gpu_memory()
             for row in rows:
                 row.finish(error)

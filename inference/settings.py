@@ -14,6 +14,7 @@ DEFAULT_MODEL_ID = "microsoft/Phi-3-vision-128k-instruct"
 DEFAULT_OPENAI_BASE_URL = "http://localhost:8000/v1"
 ENGINES = ("local", "openai")
 DTYPES = ("auto", "bfloat16", "float16", "float32")
+SWITCHES = ("auto", "on", "off")
 
 
 class SettingsError(ValueError):
@@ -88,6 +89,10 @@ class InferenceSettings:
     # at most this many, and at most this many tokens (prompts + answers: the KV cache) in all.
     max_batch_size: int = 8
     max_batch_tokens: int = 16384
+    # Generate with transformers' native Phi-3 (sharing the remote model's weights): auto = on
+    # with CUDA for a Phi-3-vision model; on; off. COMPILE: CUDA graphs for decoding.
+    fast_path: str = "auto"
+    compile: str = "auto"
     engine: str = "local"
     # ENGINE=openai: an OpenAI-compatible server (such as vLLM) runs the model.
     openai_base_url: str = DEFAULT_OPENAI_BASE_URL
@@ -118,6 +123,8 @@ class InferenceSettings:
             max_context_tokens=env_int(env, "MAX_CONTEXT_TOKENS", None, minimum=16),
             max_batch_size=env_int(env, "MAX_BATCH_SIZE", 8, minimum=1) or 8,
             max_batch_tokens=env_int(env, "MAX_BATCH_TOKENS", 16384, minimum=16) or 16384,
+            fast_path=env_choice(env, "FAST_PATH", "auto", SWITCHES),
+            compile=env_choice(env, "COMPILE", "auto", SWITCHES),
             engine=env_choice(env, "ENGINE", "local", ENGINES),
             openai_base_url=check_base_url(
                 env_str(env, "OPENAI_BASE_URL", DEFAULT_OPENAI_BASE_URL) or DEFAULT_OPENAI_BASE_URL

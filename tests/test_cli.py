@@ -132,3 +132,16 @@ def test_mistakes_give_one_line_and_a_nonzero_exit(
     lines = [line for line in result.stderr.splitlines() if line.strip()]
     assert len(lines) == 1, result.stderr
     assert lines[0].startswith("error: ") and message in lines[0]
+
+
+def test_the_fast_path_gives_the_same_answer(
+    pictures: dict[str, Path], tiny_model_dir: Path, tmp_path: Path
+) -> None:
+    # An unscripted question: the tiny model's own (random-weight) greedy answer, 20 tokens.
+    args = [str(pictures["chart.png"]), "--question", "Tell me a story", "--max-new-tokens", "20"]
+    settings = {"MODEL_ID": str(tiny_model_dir), "DEVICE": "cpu"}
+    plain = run_cli(*args, cwd=tmp_path, env={**settings, "FAST_PATH": "off"})
+    fast = run_cli(*args, cwd=tmp_path, env={**settings, "FAST_PATH": "on", "LOG_LEVEL": "INFO"})
+    assert plain.returncode == 0 and fast.returncode == 0, plain.stderr + fast.stderr
+    assert len(plain.stdout.strip()) > 20
+    assert fast.stdout == plain.stdout

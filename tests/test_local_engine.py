@@ -219,7 +219,8 @@ async def test_waiting_requests_are_told_their_place_in_line(engine: LocalEngine
     await collect_rest(first)
     await others
     assert places["second"] == [1, 0]
-    assert places["third"] == [2, 1, 0]
+    # The third moves up as the line moves; it may start together with the second (batched).
+    assert places["third"] in ([2, 1, 0], [2, 0])
 
 
 async def collect_rest(stream: AsyncIterator[str]) -> None:
