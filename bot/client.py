@@ -11,7 +11,7 @@ from typing import Any
 import discord
 from discord import app_commands
 
-from inference import Conversation, Engine, EngineClosed, Turn
+from inference import Conversation, Engine, EngineClosed, EngineError, Turn
 
 from .access import is_allowed
 from .answering import answer, notice, unexpected_error_notice
@@ -78,8 +78,13 @@ class SeeBot(discord.Client):
     async def _start_engine(self) -> None:
         try:
             await self.engine.start()
+        except EngineError as error:  # a clear one-line reason: a bad MODEL_ID, no server...
+            log.error("the model could not be started, stopping: %s", error)
+            self.exit_code = 1
+            await self.close()
+            return
         except Exception:
-            log.exception("the model could not be loaded; stopping")
+            log.exception("the model could not be started; stopping")
             self.exit_code = 1
             await self.close()
             return

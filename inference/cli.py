@@ -76,12 +76,10 @@ def build_settings(args: argparse.Namespace) -> InferenceSettings:
 
 async def answer(settings: InferenceSettings, question: str, images: list[Image.Image]) -> None:
     from . import create_engine
-    from .loading import ModelLoadError
-
     engine = create_engine(settings)
     try:
         await engine.start()
-    except (ModelLoadError, EngineError) as error:  # EngineError: ENGINE=openai and no server
+    except EngineError as error:  # a model that cannot be loaded, or (ENGINE=openai) no server
         raise CliError(str(error)) from error
     try:
         request = GenerationRequest(Conversation.single(question, images))

@@ -22,6 +22,10 @@ class EngineClosed(EngineError):
     """The engine is shutting down or was never started."""
 
 
+class ModelLoadError(EngineError):
+    """The model or processor could not be loaded; the message says which and why."""
+
+
 class GenerationError(EngineError):
     """Generation failed inside the engine; `__cause__` holds the original exception."""
 

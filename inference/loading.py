@@ -13,15 +13,14 @@ from typing import Any
 
 import torch
 
+from .engine import ModelLoadError
 from .settings import InferenceSettings
+
+__all__ = ["LoadedModel", "ModelLoadError", "load_model"]
 
 log = logging.getLogger(__name__)
 
 END_OF_TURN_TOKEN = "<|end|>"
-
-
-class ModelLoadError(RuntimeError):
-    """The model or processor could not be loaded; the message says which and why."""
 
 
 @dataclass
