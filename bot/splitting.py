@@ -243,8 +243,9 @@ class _Splitter:
                 return _AWKWARD
             fence = bisect_left(self.fence_pos, cut) - 1
             if fence >= 0 and self.on_last_line(self.fence_pos[fence], start, cut):
-                # Within a fence line: its rest would turn into code or prose.
-                return _AWKWARD
+                # Within a fence line: its rest would turn into code or prose. Never; a fence
+                # line longer than a whole message is hard-cut instead.
+                return _NO
         if opener >= 0 and resume in self.fence_set and resume + 3 - start <= room:
             # Just before the closing fence, while the fence itself still fits: take it along
             # rather than leave the next message an empty block.

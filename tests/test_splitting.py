@@ -373,3 +373,12 @@ def test_100_kb_answer_is_split_losslessly() -> None:
     chunks = split_message(text)
     assert_lossless(text, chunks)
     assert all(len(chunk) <= 2000 for chunk in chunks)
+
+
+def test_a_closing_fence_line_is_never_cut_in_two() -> None:
+    # Found by hypothesis: the closer "```python title" did not fit, and the cut fell at its space.
+    text = ":\n:\n:\n```python title\n: : : : : : : : : " + "x" * 30 + "\n```python title\n:\n"
+    chunks = split_message(text, 61)
+    assert_lossless(text, chunks)
+    assert all(chunk.count("```") % 2 == 0 for chunk in chunks)
+    assert not any(chunk.endswith("```python") for chunk in chunks)
