@@ -37,6 +37,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument(
         "--only", action="append", choices=SECTIONS, help="run only this measurement (repeatable)"
     )
+    parser.add_argument(
+        "--fast-path",
+        choices=("auto", "on", "off"),
+        default=None,
+        help="FAST_PATH for the throughput engines (default: the setting's own default, auto)",
+    )
     return parser.parse_args(argv)
 
 
@@ -99,7 +105,7 @@ async def run(args: argparse.Namespace, sections: tuple[str, ...]) -> dict[str, 
         results["overhead"] = await measure_overhead(model, overhead)
     if "throughput" in sections:
         log.info("measuring throughput")
-        results["throughput"] = await measure_throughput(model, throughput)
+        results["throughput"] = await measure_throughput(model, throughput, fast_path=args.fast_path)
     return results
 
 

@@ -36,7 +36,10 @@ What transformers 4.48.3 does, and what this module changes to match the hub mod
   per FORWARD CALL over the WHOLE BATCH (the batch-wide max position, not per row), so a short
   row in a batch with a long one gets the long factors once the long one crosses, and the
   keys already in the cache keep the rotation they were made with (short), while later
-  tokens use the long one. The fast path keeps exactly that. Two differences are removed:
+  tokens use the long one. The fast path chooses PER ROW instead (each row's own largest
+  position in that forward): a row gets the tokens it gets alone (the plain path alone),
+  whatever shares its batch; a batched plain-path row may differ past the switch. Two
+  further differences are removed:
   (1) 4.48's ``Phi3ForCausalLM.prepare_inputs_for_generation`` DROPS the cache when
   ``input_ids`` first reach ``original_max_position_embeddings + 1`` tokens while the cache
   holds at most that many, to recompute the whole sequence with the long factors; the hub
@@ -132,9 +135,12 @@ class NativePhi3ForCausalLM(Phi3ForCausalLM):
 class _LongRopeEmbedding(Phi3RotaryEmbedding):
     """4.48's longrope rotary embedding without data-dependent control flow.
 
-    Both frequency vectors are made up front; each forward picks the long one when the
-    batch's largest position reaches past ``original_max_position_embeddings``, like the hub's
-    ``Phi3SuScaledRotaryEmbedding`` and transformers' ``_longrope_frequency_update``.
+    Both frequency vectors are made up front; each forward picks, PER ROW, the long one when
+    that row's largest position reaches past ``original_max_position_embeddings``. The hub's
+    ``Phi3SuScaledRotaryEmbedding`` and transformers' ``_longrope_frequency_update`` make the
+    same test over the whole batch; per row, a row's tokens never depend on which rows share
+    its batch (batched == alone, what continuous batching needs). For one row, or rows whose
+    largest positions agree, the numbers are the same as theirs.
     """
 
     def __init__(self, config: Phi3Config, device: torch.device | None = None) -> None:
@@ -148,12 +154,15 @@ class _LongRopeEmbedding(Phi3RotaryEmbedding):
 
     @torch.no_grad()
     def forward(self, x: torch.Tensor, position_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        longest = position_ids.max() + 1
+        # Per ROW: each row's own largest position in this forward (see the class docstring).
+        longest = position_ids.max(dim=-1, keepdim=True).values + 1  # (rows, 1)
         inv_freq = torch.where(
-            longest > self.original_max_position_embeddings, self.long_inv_freq, self.short_inv_freq
-        )
+            longest > self.original_max_position_embeddings,
+            self.long_inv_freq[None, :],
+            self.short_inv_freq[None, :],
+        )  # (rows, dim / 2)
         # From here on the same operations as Phi3RotaryEmbedding.forward (bit-identical).
-        inv_freq_expanded = inv_freq[None, :, None].float().expand(position_ids.shape[0], -1, 1)
+        inv_freq_expanded = inv_freq[:, :, None].float()
         position_ids_expanded = position_ids[:, None, :].float()
         device_type = x.device.type
         device_type = device_type if isinstance(device_type, str) and device_type != "mps" else "cpu"

@@ -3,6 +3,10 @@
 Several threads calling `generate` on one model gain nothing and race on GPU memory, so
 exactly one thread loads the model and runs every request. Text pieces come back to the
 event loop with `call_soon_threadsafe`; the loop never waits on the GPU.
+
+Plain path: requests waiting together run as one batched `generate` call (`_take_batch`).
+Fast path (FAST_PATH): continuous batching (`_serve_continuous`, inference/continuous.py):
+a request joins the running batch at the next decode step and leaves it when done.
 """
 
 from __future__ import annotations
@@ -19,6 +23,7 @@ import torch
 from transformers import StoppingCriteria, StoppingCriteriaList, TextStreamer
 from transformers.generation.streamers import BaseStreamer
 
+from .continuous import SlotDecoder, choose_tokens
 from .conversation import Conversation, PromptError, build_prompt, without_oldest_exchange
 from .engine import EngineClosed, EngineError, GenerationError, GenerationRequest, PromptTooLong
 from .fast_path import FastPathGenerator, FastPathUnavailable
@@ -111,6 +116,20 @@ class _Row:
             self.streamer.end()  # the last word, held back until now
         self.job.send(item)
 
+    def accept(self, token: int, stops: set[int] | frozenset[int]) -> None:
+        """This row's next token: streamed, or the end (stop token, token limit, requester gone)."""
+        if self.finished:
+            return
+        if self.job.cancelled.is_set():
+            self.finished = True  # nobody is listening
+        elif token in stops:
+            self.finish()
+        else:
+            self.streamer.put(torch.tensor([token]))
+            self.generated += 1
+            if self.generated >= self.max_new_tokens:
+                self.finish()
+
 
 class _BatchStreamer(BaseStreamer):
     """Splits each step's tokens by row: every request streams its own text and ends at its
@@ -126,17 +145,7 @@ class _BatchStreamer(BaseStreamer):
             self._prompt_seen = True
             return
         for row, token in zip(self._rows, value.view(-1).tolist(), strict=True):
-            if row.finished:
-                continue
-            if row.job.cancelled.is_set():
-                row.finished = True  # nobody is listening
-            elif token in self._stops:
-                row.finish()
-            else:
-                row.streamer.put(torch.tensor([token]))
-                row.generated += 1
-                if row.generated >= row.max_new_tokens:
-                    row.finish()
+            row.accept(token, self._stops)
 
     def end(self) -> None:
         for row in self._rows:
@@ -171,6 +180,10 @@ class LocalEngine:
         self._loaded: LoadedModel | None = None
         self._running: _Job | None = None
         self._fast: FastPathGenerator | None = None
+        # The fast path's continuous batching (inference/continuous.py), when it is on.
+        self._slots: SlotDecoder | None = None
+        # Requests that joined a batch already decoding (continuous batching; for tests/logs).
+        self.joined_running = 0
 
     @property
     def loaded(self) -> LoadedModel | None:
@@ -288,6 +301,9 @@ class LocalEngine:
             return
         loop.call_soon_threadsafe(_settle, ready, None)
         try:
+            if self._slots is not None:
+                self._serve_continuous(self._slots)
+                return
             while (batch := self._take_batch()) is not None:
                 try:
                     if batch:
@@ -312,7 +328,11 @@ class LocalEngine:
         except FastPathUnavailable as reason:
             log.warning("fast path off, using the plain path: %s", reason)
             return None
-        log.info("fast path on: native Phi-3, %s", "CUDA graphs" if compile_decode and on_cuda else "eager")
+        log.info(
+            "fast path on: native Phi-3, %s, continuous batching",
+            "CUDA graphs" if compile_decode and on_cuda else "eager",
+        )
+        self._slots = SlotDecoder(fast, pad_id=padding_id(loaded.tokenizer))
         return fast
 
     def _take_batch(self) -> list[_Job] | None:
@@ -351,6 +371,164 @@ class LocalEngine:
             longest_prompt, longest_answer = prompt, answer
             self._tell_started(job)
         return batch
+
+    # --- continuous batching (the fast path) ---------------------------------------------
+
+    def _serve_continuous(self, decoder: SlotDecoder) -> None:
+        """The worker's loop on the fast path: requests join the running batch between decode
+        steps and leave it when done (see inference/continuous.py)."""
+        loaded = self._loaded
+        assert loaded is not None
+        stops = frozenset(loaded.stop_token_ids)
+        active: dict[int, _Row] = {}  # slot -> its request
+        feed: dict[int, int] = {}  # slot -> the token it decodes next
+        temperatures: dict[int, float] = {}
+        try:
+            while self._admit(decoder, active, feed, temperatures):
+                for slot, row in list(active.items()):
+                    if row.job.cancelled.is_set() or row.finished:
+                        row.finished = True
+                        self._leave(decoder, active, slot)
+                if not active:
+                    continue
+                slots = sorted(active)
+                try:
+                    logits = decoder.step({slot: feed[slot] for slot in slots})
+                    tokens = choose_tokens(
+                        logits[slots],
+                        [temperatures[slot] for slot in slots],
+                        decoder.native.generation_config,
+                    )
+                except Exception as error:
+                    log.exception("a decode step failed")
+                    decoder.release()
+                    _release_gpu_memory()
+                    for slot in slots:
+                        active[slot].finish(error)
+                        self._leave(decoder, active, slot)
+                    continue
+                for slot, token in zip(slots, tokens, strict=True):
+                    row = active[slot]
+                    row.accept(token, stops)
+                    feed[slot] = token
+                    if row.finished:
+                        self._leave(decoder, active, slot)  # its slot is free for the next step
+        except BaseException:
+            log.critical("the model worker stopped", exc_info=True)
+            for row in active.values():
+                row.finish(EngineClosed("the model worker stopped"))
+            raise
+        for row in active.values():  # shutting down: what was said so far is the answer
+            row.finish()
+
+    def _leave(self, decoder: SlotDecoder, active: dict[int, _Row], slot: int) -> None:
+        del active[slot]
+        decoder.free(slot)
+        if not active:
+            with self._lock:
+                self._running = None
+
+    def _admit(
+        self,
+        decoder: SlotDecoder,
+        active: dict[int, _Row],
+        feed: dict[int, int],
+        temperatures: dict[int, float],
+    ) -> bool:
+        """Give free slots to waiting requests (prefill each alone); False when closing.
+
+        With nothing running this waits for a request. A request that does not fit a slot
+        (prompt + answer longer than the cache's rows) waits, first in line, for the batch to
+        drain; then the cache is re-made for it.
+        """
+        while True:
+            if self._closing.is_set():
+                return False
+            if active and len(active) >= decoder.slots:
+                return True
+            with self._lock:
+                if not active:
+                    while not self._waiting and not self._closing.is_set():
+                        self._lock.wait()
+                if self._closing.is_set():
+                    return False
+                if not self._waiting:
+                    return True
+                job = self._waiting.popleft()
+                if not active:
+                    self._running = job
+            if job.cancelled.is_set() or not self._prepare(job):
+                if not active:
+                    with self._lock:
+                        self._running = None
+                continue
+            prompt_length = job.encoded["input_ids"].shape[1]  # type: ignore[index]
+            need = prompt_length + self._max_new_tokens(job)
+            if active:
+                if need > decoder.length:
+                    with self._lock:
+                        self._waiting.appendleft(job)  # first in line once the batch drains
+                    return True
+            else:
+                try:
+                    decoder.ensure(
+                        *decoder.shape_for(need, self.settings.max_batch_size, self.settings.max_batch_tokens)
+                    )
+                except Exception as error:
+                    log.exception("making the KV cache failed")
+                    decoder.release()
+                    _release_gpu_memory()
+                    job.send(error)
+                    with self._lock:
+                        self._running = None
+                    continue
+            slot = next(n for n in range(decoder.slots) if n not in active)
+            self._join(decoder, job, slot, active, feed, temperatures)
+
+    def _join(
+        self,
+        decoder: SlotDecoder,
+        job: _Job,
+        slot: int,
+        active: dict[int, _Row],
+        feed: dict[int, int],
+        temperatures: dict[int, float],
+    ) -> None:
+        """Prefill one request into ``slot``; its first token is streamed at once."""
+        loaded = self._loaded
+        assert loaded is not None
+        joining = bool(active)
+        self._tell_started(job)
+        row = _Row(job, self._max_new_tokens(job), _PieceStreamer(loaded.tokenizer, job.send))
+        temperature = self._temperature(job)
+        inputs = {name: tensor.to(loaded.device) for name, tensor in job.encoded.items()}  # type: ignore[union-attr]
+        if "pixel_values" in inputs:
+            inputs["pixel_values"] = inputs["pixel_values"].to(loaded.dtype)
+        try:
+            logits = decoder.prefill(slot, inputs)
+            (token,) = choose_tokens(logits[None, :], [temperature], decoder.native.generation_config)
+        except Exception as error:
+            log.exception("a prefill failed")
+            decoder.free(slot)
+            _release_gpu_memory()
+            row.finish(error)
+            if not active:
+                with self._lock:
+                    self._running = None
+            return
+        if joining:
+            self.joined_running += 1
+            log.info("a request joined a running batch (%d answer(s) decoding)", len(active) + 1)
+        row.accept(token, frozenset(loaded.stop_token_ids))
+        if row.finished:
+            decoder.free(slot)
+            if not active:
+                with self._lock:
+                    self._running = None
+            return
+        active[slot] = row
+        feed[slot] = token
+        temperatures[slot] = temperature
 
     def _prepare(self, job: _Job) -> bool:
         """Encode the request (once); on failure tell its requester and leave it out."""

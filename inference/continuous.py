@@ -1,0 +1,235 @@
+"""Continuous batching on the fast path: requests join and leave a running batch per step.
+
+The local engine's worker thread (``LocalEngine._serve_continuous``) drives a
+``SlotDecoder``: a fixed number of SLOTS (rows) of a static KV cache of LENGTH positions per
+slot, and the native ``Phi3ForCausalLM`` of ``fast_path`` (sharing the remote model's
+weights). No HF ``generate``: the decode loop is this module's.
+
+Design (what differs from "one ``generate`` per batch"):
+
+- **Per-row write positions, no shared clock.** Every slot holds its own request's K/V at
+  cache positions ``[0, prompt + generated)``: left-aligned, each row at its own position.
+  ``SlotCache`` is a ``StaticCache`` whose ``update`` writes each row's one new key/value at
+  THAT ROW's position (``scatter_`` along the sequence axis, the positions passed as the
+  forward's ``cache_position``, shape (slots,)), instead of one ``cache_position`` for the
+  whole batch. So a joiner never has to wait for a clock to pass its prompt length, and no
+  clock needs resetting; a row is limited only by the slot length. The attention mask is
+  per row: row r sees cache positions ``<= position[r]`` (a 4-D additive mask, slots x 1 x 1
+  x LENGTH), so stale K/V of an earlier occupant of the slot are never read (they are
+  overwritten before they become visible). Position ids are the row's own logical
+  positions, so RoPE is the same as alone.
+- **Prefill alone.** A joiner's prompt is run as a batch of one (its ``inputs_embeds`` from
+  ``fast_path.prompt_embeddings``, position ids ``0..P-1``, a throw-away ``DynamicCache``),
+  and its K/V are copied into its slot at ``[0, P)``. Its last logits give its first token
+  (the same sampling rules as the engine: greedy at temperature 0, else temperature +
+  the model's top-k/top-p). It then decodes in step with the others from the next step on.
+- **Decode step.** All slots run every step (fixed shapes: slots x 1 token, LENGTH cache):
+  free slots feed the pad token at position 0 and see only position 0 (their output is
+  dropped; they never produce NaNs). On CUDA with COMPILE the step is
+  ``torch.compile(mode="reduce-overhead", fullgraph=True)``: CUDA graphs, one graph per
+  (slots, LENGTH); never on the CPU.
+- **LongRoPE per row.** ``fast_path._LongRopeEmbedding`` picks short/long factors per row
+  (by the row's own largest position in that forward), so a row's tokens never depend on
+  which rows share its batch: batched == alone for every row, across the switch too.
+- **Cache size.** LENGTH = the larger of (first request's prompt + max_new_tokens) and, on
+  CUDA only, MAX_BATCH_TOKENS / MAX_BATCH_SIZE, rounded up to a bucket (256); SLOTS =
+  MAX_BATCH_TOKENS // LENGTH, clamped to [1, MAX_BATCH_SIZE]. (On the CPU attention over
+  empty positions costs time and there are no graphs to keep, so LENGTH is the first
+  request's need: a later, longer request waits for the batch to drain.) The cache is kept
+  while that shape holds. A request that does not fit a slot (prompt + max_new_tokens >
+  LENGTH) waits, first in line, until the batch drains; then the cache is re-made for it.
+
+Not done here: warm-up at start-up and an on-disk compile cache (the first decode steps on
+CUDA with COMPILE pay the compile), and verification on a GPU.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Mapping
+from typing import Any
+
+import torch
+from transformers import DynamicCache, StaticCache
+
+from .fast_path import DEFAULT_BUCKET, cache_length, prompt_embeddings
+
+log = logging.getLogger(__name__)
+
+
+class SlotCache(StaticCache):
+    """A ``StaticCache`` whose decode writes go to a per-row position (``cache_position``
+    of shape (rows,)), one new token per row."""
+
+    def update(
+        self,
+        key_states: torch.Tensor,
+        value_states: torch.Tensor,
+        layer_idx: int,
+        cache_kwargs: dict[str, Any] | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        positions = (cache_kwargs or {})["cache_position"]
+        k_out = self.key_cache[layer_idx]
+        v_out = self.value_cache[layer_idx]
+        rows, heads, _, dim = key_states.shape
+        index = positions.view(rows, 1, 1, 1).expand(rows, heads, 1, dim)
+        k_out.scatter_(2, index, key_states.to(k_out.dtype))
+        v_out.scatter_(2, index, value_states.to(v_out.dtype))
+        return k_out, v_out
+
+    def get_seq_length(self, layer_idx: int | None = 0) -> int:
+        return 0  # per-row lengths; the model only uses this where a static cache ignores it
+
+
+def choose_tokens(
+    logits: torch.Tensor, temperatures: list[float], generation_config: Any = None
+) -> list[int]:
+    """One token per row of ``logits`` (rows x vocab): greedy for temperature 0, else sampling
+    with that temperature and the generation config's top-k / top-p (as HF ``generate``)."""
+    logits = logits.float()
+    tokens = logits.argmax(dim=-1).tolist()
+    top_k = int(getattr(generation_config, "top_k", 50) or 0)
+    top_p = float(getattr(generation_config, "top_p", 1.0) or 1.0)
+    for row, temperature in enumerate(temperatures):
+        if temperature <= 0:
+            continue
+        scores = logits[row] / temperature
+        if 0 < top_k < scores.shape[-1]:
+            kth = torch.topk(scores, top_k).values[-1]
+            scores = scores.masked_fill(scores < kth, float("-inf"))
+        if top_p < 1.0:
+            ordered, order = torch.sort(scores, descending=False)
+            cumulative = ordered.softmax(-1).cumsum(-1)
+            drop = cumulative <= 1 - top_p
+            drop[-1] = False
+            scores = scores.masked_fill(drop.scatter(0, order, drop), float("-inf"))
+        tokens[row] = int(torch.multinomial(scores.softmax(-1), 1))
+    return tokens
+
+
+class SlotDecoder:
+    """Slots of a static KV cache over a native Phi-3; see the module docstring.
+
+    ``fast``: a ``fast_path.FastPathGenerator`` (its native model, remote model, device,
+    dtype and compile choice are used). ``pad_id``: what free slots feed.
+    """
+
+    def __init__(self, fast: Any, *, pad_id: int, bucket: int = DEFAULT_BUCKET) -> None:
+        self.native = fast.native
+        self.remote_model = fast.remote_model
+        self.device = fast.device
+        self.dtype = fast.dtype
+        self.compile = bool(fast.compile and self.device.type == "cuda")
+        self.pad_id = int(pad_id)
+        self.bucket = max(1, int(bucket))
+        self.cache: SlotCache | None = None
+        self.slots = 0
+        self.length = 0
+        self._positions = torch.zeros(0, dtype=torch.long)  # per slot: the next write position
+        self._step_fn: Any = None
+
+    # --- the cache ------------------------------------------------------------------------
+
+    def shape_for(self, need: int, max_rows: int, max_tokens: int) -> tuple[int, int]:
+        """(slots, length) for a first request needing ``need`` positions (see the docstring)."""
+        # On CUDA every slot gets its share of MAX_BATCH_TOKENS, so shapes (CUDA graphs) repeat
+        # and joiners fit; on the CPU attention over empty positions only costs time.
+        floor = (
+            (max_tokens // max(1, max_rows)) // self.bucket * self.bucket if self.device.type == "cuda" else 0
+        )
+        length = max(cache_length(need, 0, self.bucket), floor, self.bucket)
+        slots = max(1, min(max_rows, max_tokens // length))
+        return slots, length
+
+    def ensure(self, slots: int, length: int) -> None:
+        """Have a cache of this shape (only while no slot is in use)."""
+        if self.cache is not None and (self.slots, self.length) == (slots, length):
+            return
+        self.release()
+        log.info("continuous batching: %d slot(s) x %d tokens of KV cache", slots, length)
+        self.cache = SlotCache(
+            config=self.native.config,
+            max_batch_size=slots,
+            max_cache_len=length,
+            device=self.device,
+            dtype=self.dtype,
+        )
+        self.slots, self.length = slots, length
+        self._positions = torch.zeros(slots, dtype=torch.long)
+        self._step_fn = self._decode_forward
+        if self.compile:
+            self._step_fn = torch.compile(self._decode_forward, mode="reduce-overhead", fullgraph=True)
+
+    def release(self) -> None:
+        """Drop the cache (after an error, or to re-make it in another shape)."""
+        self.cache = None
+        self._step_fn = None
+        self.slots = self.length = 0
+        self._positions = torch.zeros(0, dtype=torch.long)
+
+    # --- prefill and decode ---------------------------------------------------------------
+
+    def prefill(self, slot: int, inputs: Mapping[str, torch.Tensor]) -> torch.Tensor:
+        """Run one prompt alone, put its K/V in ``slot``; returns its last logits (vocab,)."""
+        assert self.cache is not None
+        prompt_length = inputs["input_ids"].shape[1]
+        if prompt_length >= self.length:
+            raise ValueError(f"a {prompt_length}-token prompt does not fit a {self.length}-token slot")
+        with torch.inference_mode():
+            embeds = prompt_embeddings(self.remote_model, inputs).to(self.dtype)
+            scratch = DynamicCache()
+            output = self.native(
+                inputs_embeds=embeds,
+                position_ids=torch.arange(prompt_length, device=self.device)[None, :],
+                past_key_values=scratch,
+                use_cache=True,
+                num_logits_to_keep=1,
+                return_dict=True,
+            )
+            for layer in range(len(self.cache.key_cache)):
+                self.cache.key_cache[layer][slot, :, :prompt_length].copy_(scratch.key_cache[layer][0])
+                self.cache.value_cache[layer][slot, :, :prompt_length].copy_(scratch.value_cache[layer][0])
+            del scratch
+        self._positions[slot] = prompt_length
+        return output.logits[0, -1]
+
+    def position(self, slot: int) -> int:
+        return int(self._positions[slot])
+
+    def free(self, slot: int) -> None:
+        if slot < self._positions.shape[0]:  # after release() there is nothing to free
+            self._positions[slot] = 0
+
+    def _decode_forward(self, ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        visible = torch.arange(self.length, device=positions.device)[None, :] <= positions[:, None]
+        mask = torch.zeros(visible.shape, dtype=self.dtype, device=positions.device)
+        mask = mask.masked_fill(~visible, torch.finfo(self.dtype).min)[:, None, None, :]
+        output = self.native(
+            input_ids=ids,
+            position_ids=positions[:, None],
+            attention_mask=mask,
+            past_key_values=self.cache,
+            cache_position=positions,
+            use_cache=True,
+            num_logits_to_keep=1,
+            return_dict=True,
+        )
+        return output.logits[:, -1]
+
+    def step(self, tokens: Mapping[int, int]) -> torch.Tensor:
+        """One decode step: ``tokens`` maps each busy slot to its last token; every busy slot
+        advances one position. Returns logits (slots x vocab); free slots' rows are junk."""
+        assert self.cache is not None and self._step_fn is not None
+        ids = torch.full((self.slots, 1), self.pad_id, dtype=torch.long)
+        positions = torch.zeros(self.slots, dtype=torch.long)
+        for slot, token in tokens.items():
+            ids[slot, 0] = token
+            positions[slot] = self._positions[slot]
+        if int(positions.max()) >= self.length:
+            raise ValueError("a slot ran past the end of the KV cache")
+        with torch.inference_mode():
+            logits = self._step_fn(ids.to(self.device), positions.to(self.device))
+            logits = logits.float().cpu() if self.device.type != "cpu" else logits.float().clone()
+        for slot in tokens:
+            self._positions[slot] += 1
+        return logits
