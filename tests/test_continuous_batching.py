@@ -10,8 +10,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
-import shutil
 from collections.abc import AsyncIterator
 from pathlib import Path
 
@@ -20,7 +18,7 @@ import pytest
 from inference import Conversation, GenerationError, GenerationRequest, InferenceSettings, Turn
 from inference.local_engine import LocalEngine
 from tests.test_fast_path import _conversation, _image
-from tests.tiny_model import build_tiny_model
+from tests.tiny_model import build_tiny_model, copy_with_longrope
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
 
@@ -36,18 +34,7 @@ def tiny_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.fixture(scope="module")
 def longrope_dir(tiny_dir: Path) -> Path:
     """The same weights with Phi-3-vision's rope scaling ("su"), switching at 64 positions."""
-    directory = tiny_dir.parent / "tiny-longrope"
-    shutil.copytree(tiny_dir, directory)
-    config = json.loads((directory / "config.json").read_text())
-    half_head = config["hidden_size"] // config["num_attention_heads"] // 2
-    config["rope_scaling"] = {
-        "type": "su",
-        "short_factor": [1.0 + 0.25 * n for n in range(half_head)],
-        "long_factor": [1.5 + 4.0 * n for n in range(half_head)],
-    }
-    config["original_max_position_embeddings"] = ORIGINAL_MAX
-    (directory / "config.json").write_text(json.dumps(config, indent=2))
-    return directory
+    return copy_with_longrope(tiny_dir, tiny_dir.parent / "tiny-longrope", ORIGINAL_MAX)
 
 
 def _settings(directory: Path, **extra: object) -> InferenceSettings:

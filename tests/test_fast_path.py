@@ -6,8 +6,6 @@ CPU, float32, the tiny model with random weights (unscripted: the native model g
 
 from __future__ import annotations
 
-import json
-import shutil
 import threading
 from pathlib import Path
 from types import SimpleNamespace
@@ -43,7 +41,7 @@ from inference.local_engine import (
     _StopRows,
     default_num_crops,
 )
-from tests.tiny_model import build_tiny_model
+from tests.tiny_model import build_tiny_model, copy_with_longrope
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
 
@@ -86,18 +84,7 @@ def tiny(tiny_dir: Path) -> SimpleNamespace:
 @pytest.fixture(scope="module")
 def longrope(tiny_dir: Path) -> SimpleNamespace:
     """The same weights with Phi-3-vision's rope scaling ("su"), switching at 64 positions."""
-    directory = tiny_dir.parent / "tiny-longrope"
-    shutil.copytree(tiny_dir, directory)
-    config = json.loads((directory / "config.json").read_text())
-    half_head = config["hidden_size"] // config["num_attention_heads"] // 2
-    config["rope_scaling"] = {
-        "type": "su",
-        "short_factor": [1.0 + 0.25 * n for n in range(half_head)],
-        "long_factor": [1.5 + 4.0 * n for n in range(half_head)],
-    }
-    config["original_max_position_embeddings"] = ORIGINAL_MAX
-    (directory / "config.json").write_text(json.dumps(config, indent=2))
-    return _load(directory)
+    return _load(copy_with_longrope(tiny_dir, tiny_dir.parent / "tiny-longrope", ORIGINAL_MAX))
 
 
 # --- prompts ---------------------------------------------------------------------------------

@@ -302,3 +302,20 @@ def build_tiny_model(directory: Path, *, script: list[dict] | None = None) -> Pa
     for name in REMOTE_CODE_FILES:
         shutil.copyfile(HERE / name, directory / name)
     return directory
+
+
+def copy_with_longrope(source: Path, target: Path, original_max_position_embeddings: int) -> Path:
+    """The same model with Phi-3-vision's rope scaling ("su", transformers' longrope), which
+    switches from the short to the long factors past `original_max_position_embeddings`:
+    small here, so tests cross the switch in a few dozen tokens."""
+    shutil.copytree(source, target)
+    config = json.loads((target / "config.json").read_text())
+    half_head = config["hidden_size"] // config["num_attention_heads"] // 2
+    config["rope_scaling"] = {
+        "type": "su",
+        "short_factor": [1.0 + 0.25 * n for n in range(half_head)],
+        "long_factor": [1.5 + 4.0 * n for n in range(half_head)],
+    }
+    config["original_max_position_embeddings"] = original_max_position_embeddings
+    (target / "config.json").write_text(json.dumps(config, indent=2))
+    return target
