@@ -59,7 +59,13 @@ log = logging.getLogger(__name__)
 
 class SlotCache(StaticCache):
     """A ``StaticCache`` whose decode writes go to a per-row position (``cache_position``
-    of shape (rows,)), one new token per row."""
+    of shape (rows,)), one new token per row.
+
+    ``visible_length``: when set (eager decoding), attention reads only that many leading
+    positions, the furthest any row has reached; CUDA graphs need the whole fixed shape.
+    """
+
+    visible_length: int | None = None
 
     def update(
         self,
@@ -75,6 +81,8 @@ class SlotCache(StaticCache):
         index = positions.view(rows, 1, 1, 1).expand(rows, heads, 1, dim)
         k_out.scatter_(2, index, key_states.to(k_out.dtype))
         v_out.scatter_(2, index, value_states.to(v_out.dtype))
+        if self.visible_length is not None:  # eager only: attend over the used part, not all
+            return k_out[:, :, : self.visible_length], v_out[:, :, : self.visible_length]
         return k_out, v_out
 
     def get_seq_length(self, layer_idx: int | None = 0) -> int:
@@ -200,8 +208,12 @@ class SlotDecoder:
         if slot < self._positions.shape[0]:  # after release() there is nothing to free
             self._positions[slot] = 0
 
-    def _decode_forward(self, ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
-        visible = torch.arange(self.length, device=positions.device)[None, :] <= positions[:, None]
+    def _decode_forward(
+        self, ids: torch.Tensor, positions: torch.Tensor, span: int | None = None
+    ) -> torch.Tensor:
+        assert self.cache is not None
+        self.cache.visible_length = span
+        visible = torch.arange(span or self.length, device=positions.device)[None, :] <= positions[:, None]
         mask = torch.zeros(visible.shape, dtype=self.dtype, device=positions.device)
         mask = mask.masked_fill(~visible, torch.finfo(self.dtype).min)[:, None, None, :]
         output = self.native(
@@ -228,7 +240,11 @@ class SlotDecoder:
         if int(positions.max()) >= self.length:
             raise ValueError("a slot ran past the end of the KV cache")
         with torch.inference_mode():
-            logits = self._step_fn(ids.to(self.device), positions.to(self.device))
+            if self.compile:
+                logits = self._step_fn(ids.to(self.device), positions.to(self.device))
+            else:  # eager: only the positions some row has reached cost attention
+                span = int(positions.max()) + 1
+                logits = self._step_fn(ids.to(self.device), positions.to(self.device), span)
             logits = logits.float().cpu() if self.device.type != "cpu" else logits.float().clone()
         for slot in tokens:
             self._positions[slot] += 1
