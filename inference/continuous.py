@@ -18,11 +18,13 @@ Design (what differs from "one ``generate`` per batch"):
   x LENGTH), so stale K/V of an earlier occupant of the slot are never read (they are
   overwritten before they become visible). Position ids are the row's own logical
   positions, so RoPE is the same as alone.
-- **Prefill alone.** A joiner's prompt is run as a batch of one (its ``inputs_embeds`` from
-  ``fast_path.prompt_embeddings``, position ids ``0..P-1``, a throw-away ``DynamicCache``),
-  and its K/V are copied into its slot at ``[0, P)``. Its last logits give its first token
-  (the same sampling rules as the engine: greedy at temperature 0, else temperature +
-  the model's top-k/top-p). It then decodes in step with the others from the next step on.
+- **Prefill apart from the decoding rows.** Joiners that arrive together (up to the free
+  slots and MAX_BATCH_TOKENS) are prefilled as one right-padded batch (``prefill_many``:
+  ``inputs_embeds`` from ``fast_path.prompt_embeddings``, each row at positions ``0..P-1``
+  as alone, a throw-away ``DynamicCache``), and each one's K/V are copied into its slot at
+  ``[0, P)``. Its last logits give its first token (the same sampling rules as the engine:
+  greedy at temperature 0, else temperature + the model's top-k/top-p). It then decodes in
+  step with the others from the next step on.
 - **Decode step.** All slots run every step (fixed shapes: slots x 1 token, LENGTH cache):
   free slots feed the pad token at position 0 and see only position 0 (their output is
   dropped; they never produce NaNs). On CUDA with COMPILE the step is
@@ -46,7 +48,7 @@ CUDA with COMPILE pay the compile), and verification on a GPU.
 from __future__ import annotations
 
 import logging
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import torch
@@ -178,28 +180,49 @@ class SlotDecoder:
     # --- prefill and decode ---------------------------------------------------------------
 
     def prefill(self, slot: int, inputs: Mapping[str, torch.Tensor]) -> torch.Tensor:
-        """Run one prompt alone, put its K/V in ``slot``; returns its last logits (vocab,)."""
+        """Run one prompt, put its K/V in ``slot``; returns its last logits (vocab,)."""
+        return self.prefill_many([(slot, inputs)])[0]
+
+    def prefill_many(self, prompts: Sequence[tuple[int, Mapping[str, torch.Tensor]]]) -> torch.Tensor:
+        """Run prompts that join together as one batch and put each one's K/V in its slot;
+        returns each one's last logits (prompts x vocab).
+
+        The prompts are RIGHT-padded: every row's tokens sit at positions ``0..P-1`` as
+        alone, and with plain causal attention no real token ever sees a pad (pads come
+        after), so no padding mask is needed; the pads' K/V are never copied. Only each
+        row's last hidden state goes through ``lm_head`` (all of them would be prompts x P
+        x vocab of logits).
+        """
         assert self.cache is not None
-        prompt_length = inputs["input_ids"].shape[1]
-        if prompt_length >= self.length:
-            raise ValueError(f"a {prompt_length}-token prompt does not fit a {self.length}-token slot")
+        lengths = [inputs["input_ids"].shape[1] for _, inputs in prompts]
+        longest = max(lengths)
+        if longest >= self.length:
+            raise ValueError(f"a {longest}-token prompt does not fit a {self.length}-token slot")
         with torch.inference_mode():
-            embeds = prompt_embeddings(self.remote_model, inputs).to(self.dtype)
+            rows = [prompt_embeddings(self.remote_model, inputs).to(self.dtype)[0] for _, inputs in prompts]
+            embeds = torch.nn.utils.rnn.pad_sequence(rows, batch_first=True)
+            last = torch.tensor(lengths, device=self.device) - 1
+            # A pad repeats its row's last position: LongRoPE picks factors by a row's
+            # largest position, which must be the row's own.
+            positions = torch.minimum(torch.arange(longest, device=self.device)[None, :], last[:, None])
             scratch = DynamicCache()
-            output = self.native(
+            hidden = self.native.model(
                 inputs_embeds=embeds,
-                position_ids=torch.arange(prompt_length, device=self.device)[None, :],
+                position_ids=positions,
                 past_key_values=scratch,
                 use_cache=True,
-                num_logits_to_keep=1,
                 return_dict=True,
-            )
+            ).last_hidden_state
+            logits = self.native.lm_head(hidden[torch.arange(len(rows), device=self.device), last])
             for layer in range(len(self.cache.key_cache)):
-                self.cache.key_cache[layer][slot, :, :prompt_length].copy_(scratch.key_cache[layer][0])
-                self.cache.value_cache[layer][slot, :, :prompt_length].copy_(scratch.value_cache[layer][0])
-            del scratch
-        self._positions[slot] = prompt_length
-        return output.logits[0, -1]
+                keys, values = scratch.key_cache[layer], scratch.value_cache[layer]
+                for row, ((slot, _), length) in enumerate(zip(prompts, lengths, strict=True)):
+                    self.cache.key_cache[layer][slot, :, :length].copy_(keys[row, :, :length])
+                    self.cache.value_cache[layer][slot, :, :length].copy_(values[row, :, :length])
+            del scratch, hidden
+        for (slot, _), length in zip(prompts, lengths, strict=True):
+            self._positions[slot] = length
+        return logits
 
     def position(self, slot: int) -> int:
         return int(self._positions[slot])

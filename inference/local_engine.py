@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
-from transformers import StoppingCriteria, StoppingCriteriaList, TextStreamer
+from transformers import StoppingCriteria, StoppingCriteriaList
 from transformers.generation.streamers import BaseStreamer
 
 from .continuous import SlotDecoder, choose_tokens
@@ -28,6 +28,7 @@ from .conversation import Conversation, PromptError, build_prompt, without_oldes
 from .engine import EngineClosed, EngineError, GenerationError, GenerationRequest, PromptTooLong
 from .fast_path import FastPathGenerator, FastPathUnavailable
 from .loading import LoadedModel, load_model
+from .pieces import TextPieces
 from .settings import InferenceSettings
 
 log = logging.getLogger(__name__)
@@ -82,29 +83,13 @@ class _StopRows(StoppingCriteria):
         return torch.tensor(stop, dtype=torch.bool, device=input_ids.device)
 
 
-class _PieceStreamer(TextStreamer):
-    """Decodes one request's new tokens into readable pieces (whole words where it can).
-
-    The prompt is never decoded: it holds negative image ids.
-    """
-
-    def __init__(self, tokenizer: Any, emit: Callable[[str], None]) -> None:
-        # Fed only the new tokens of one request, never its prompt (see _BatchStreamer).
-        super().__init__(tokenizer, skip_prompt=False, skip_special_tokens=True)
-        self._emit = emit
-
-    def on_finalized_text(self, text: str, stream_end: bool = False) -> None:
-        if text:
-            self._emit(text)
-
-
 @dataclass(eq=False)
 class _Row:
     """One request inside a batched `generate` call."""
 
     job: _Job
     max_new_tokens: int
-    streamer: _PieceStreamer
+    streamer: TextPieces
     generated: int = 0
     finished: bool = False
 
@@ -113,7 +98,7 @@ class _Row:
             return
         self.finished = True
         if item is _DONE:
-            self.streamer.end()  # the last word, held back until now
+            self.streamer.end()
         self.job.send(item)
 
     def accept(self, token: int, stops: set[int] | frozenset[int]) -> None:
@@ -125,7 +110,7 @@ class _Row:
         elif token in stops:
             self.finish()
         else:
-            self.streamer.put(torch.tensor([token]))
+            self.streamer.put(token)
             self.generated += 1
             if self.generated >= self.max_new_tokens:
                 self.finish()
@@ -435,41 +420,53 @@ class LocalEngine:
         feed: dict[int, int],
         temperatures: dict[int, float],
     ) -> bool:
-        """Give free slots to waiting requests (prefill each alone); False when closing.
-
-        With nothing running this waits for a request. A request that does not fit a slot
-        (prompt + answer longer than the cache's rows) waits, first in line, for the batch to
-        drain; then the cache is re-made for it.
-        """
-        while True:
-            if self._closing.is_set():
-                return False
+        """Give free slots to waiting requests, prefilling those that join together as one
+        batch; False when closing. With nothing running this waits for a request."""
+        while not self._closing.is_set():
             if active and len(active) >= decoder.slots:
                 return True
+            group = self._take_joiners(decoder, active)
+            if group is None:
+                return False
+            if not group:
+                if active:
+                    return True
+                continue  # none of them could start (cancelled, bad prompt): wait again
+            self._join(decoder, group, active, feed, temperatures)
+        return False
+
+    def _take_joiners(self, decoder: SlotDecoder, active: dict[int, _Row]) -> list[_Job] | None:
+        """Waiting requests for the free slots, to prefill together; None when closing.
+
+        With nothing running, the first one sets the cache's shape (and waits a moment for
+        company, as ``_take_batch`` does). A request that does not fit a slot (prompt + answer
+        longer than the cache's rows), or would push the joiners' padded prompts past
+        MAX_BATCH_TOKENS, waits first in line: for the next step, or for the batch to drain
+        (then the cache is re-made for it).
+        """
+        group: list[_Job] = []
+        longest = 0
+        while len(active) + len(group) < (decoder.slots if active or group else 1):
             with self._lock:
-                if not active:
+                if not active and not group:
                     while not self._waiting and not self._closing.is_set():
                         self._lock.wait()
+                elif len(group) == 1 and not active and not self._waiting:
+                    self._lock.wait_for(lambda: self._waiting or self._closing.is_set(), BATCH_GATHER_SECONDS)
                 if self._closing.is_set():
-                    return False
+                    self._waiting.extendleft(reversed(group))
+                    return None
                 if not self._waiting:
-                    return True
+                    break
                 job = self._waiting.popleft()
-                if not active:
+                if not active and not group:
                     self._running = job
             if job.cancelled.is_set() or not self._prepare(job):
-                if not active:
-                    with self._lock:
-                        self._running = None
+                self._no_longer_running(active, group)
                 continue
             prompt_length = job.encoded["input_ids"].shape[1]  # type: ignore[index]
             need = prompt_length + self._max_new_tokens(job)
-            if active:
-                if need > decoder.length:
-                    with self._lock:
-                        self._waiting.appendleft(job)  # first in line once the batch drains
-                    return True
-            else:
+            if not active and not group:
                 try:
                     decoder.ensure(
                         *decoder.shape_for(need, self.settings.max_batch_size, self.settings.max_batch_tokens)
@@ -479,56 +476,76 @@ class LocalEngine:
                     decoder.release()
                     _release_gpu_memory()
                     job.send(error)
-                    with self._lock:
-                        self._running = None
+                    self._no_longer_running(active, group)
                     continue
-            slot = next(n for n in range(decoder.slots) if n not in active)
-            self._join(decoder, job, slot, active, feed, temperatures)
+            elif need > decoder.length or (len(group) + 1) * max(longest, prompt_length) > (
+                self.settings.max_batch_tokens
+            ):
+                with self._lock:
+                    self._waiting.appendleft(job)  # first in line, for a later step or batch
+                break
+            group.append(job)
+            longest = max(longest, prompt_length)
+        return group
+
+    def _no_longer_running(self, active: dict[int, _Row], group: list[_Job]) -> None:
+        if not active and not group:
+            with self._lock:
+                self._running = None
 
     def _join(
         self,
         decoder: SlotDecoder,
-        job: _Job,
-        slot: int,
+        group: list[_Job],
         active: dict[int, _Row],
         feed: dict[int, int],
         temperatures: dict[int, float],
     ) -> None:
-        """Prefill one request into ``slot``; its first token is streamed at once."""
+        """Prefill the joiners together into free slots; each one's first token is streamed
+        at once."""
         loaded = self._loaded
         assert loaded is not None
-        joining = bool(active)
-        self._tell_started(job)
-        row = _Row(job, self._max_new_tokens(job), _PieceStreamer(loaded.tokenizer, job.send))
-        temperature = self._temperature(job)
-        inputs = {name: tensor.to(loaded.device) for name, tensor in job.encoded.items()}  # type: ignore[union-attr]
-        if "pixel_values" in inputs:
-            inputs["pixel_values"] = inputs["pixel_values"].to(loaded.dtype)
+        joining = len(active)
+        free = [slot for slot in range(decoder.slots) if slot not in active][: len(group)]
+        rows: list[_Row] = []
+        prompts: list[tuple[int, dict[str, torch.Tensor]]] = []
+        for job, slot in zip(group, free, strict=True):
+            self._tell_started(job)
+            rows.append(_Row(job, self._max_new_tokens(job), TextPieces(loaded.tokenizer, job.send)))
+            inputs = {name: tensor.to(loaded.device) for name, tensor in job.encoded.items()}  # type: ignore[union-attr]
+            if "pixel_values" in inputs:
+                inputs["pixel_values"] = inputs["pixel_values"].to(loaded.dtype)
+            prompts.append((slot, inputs))
+        row_temperatures = [self._temperature(job) for job in group]
         try:
-            logits = decoder.prefill(slot, inputs)
-            (token,) = choose_tokens(logits[None, :], [temperature], decoder.native.generation_config)
+            logits = decoder.prefill_many(prompts)
+            tokens = choose_tokens(logits, row_temperatures, decoder.native.generation_config)
         except Exception as error:
             log.exception("a prefill failed")
-            decoder.free(slot)
+            for slot in free:
+                decoder.free(slot)
             _release_gpu_memory()
-            row.finish(error)
-            if not active:
-                with self._lock:
-                    self._running = None
+            for row in rows:
+                row.finish(error)
+            self._no_longer_running(active, [])
             return
         if joining:
-            self.joined_running += 1
-            log.info("a request joined a running batch (%d answer(s) decoding)", len(active) + 1)
-        row.accept(token, frozenset(loaded.stop_token_ids))
-        if row.finished:
-            decoder.free(slot)
-            if not active:
-                with self._lock:
-                    self._running = None
-            return
-        active[slot] = row
-        feed[slot] = token
-        temperatures[slot] = temperature
+            self.joined_running += len(group)
+            log.info(
+                "%d request(s) joined a running batch (%d answer(s) decoding)",
+                len(group),
+                joining + len(group),
+            )
+        stops = frozenset(loaded.stop_token_ids)
+        for row, slot, token, temperature in zip(rows, free, tokens, row_temperatures, strict=True):
+            row.accept(token, stops)
+            if row.finished:
+                decoder.free(slot)
+                continue
+            active[slot] = row
+            feed[slot] = token
+            temperatures[slot] = temperature
+        self._no_longer_running(active, [])
 
     def _prepare(self, job: _Job) -> bool:
         """Encode the request (once); on failure tell its requester and leave it out."""
@@ -621,7 +638,7 @@ class LocalEngine:
         loaded = self._loaded
         assert loaded is not None
         tokenizer = loaded.tokenizer
-        rows = [_Row(job, self._max_new_tokens(job), _PieceStreamer(tokenizer, job.send)) for job in batch]
+        rows = [_Row(job, self._max_new_tokens(job), TextPieces(tokenizer, job.send)) for job in batch]
         inputs = {
             name: tensor.to(loaded.device)
             for name, tensor in self._collate([job.encoded for job in batch]).items()  # type: ignore[misc]

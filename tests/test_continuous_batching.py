@@ -118,7 +118,7 @@ async def test_a_request_joins_a_running_batch(tiny_dir: Path, caplog: pytest.Lo
         assert not long_task.done()  # the short ones joined, finished and left; it goes on
         assert [await long_task, *answers] == expected
         assert fast.joined_running == 3
-    assert "a request joined a running batch" in caplog.text
+    assert "request(s) joined a running batch" in caplog.text
     assert all(heard and heard[-1] == 0 for heard in positions)
 
 
@@ -164,6 +164,8 @@ async def test_across_the_longrope_switch(longrope_dir: Path) -> None:
             await asyncio.sleep(0.01)
         assert [await first, *await asyncio.gather(*answers)] == expected
         assert fast.joined_running >= 1
+        # All at once: they are prefilled together, short rows padded beside long ones.
+        assert await asyncio.gather(*(_text(fast, request) for request in requests)) == expected
 
 
 async def test_errors_reach_only_the_affected_requests(tiny_dir: Path) -> None:
@@ -172,22 +174,27 @@ async def test_errors_reach_only_the_affected_requests(tiny_dir: Path) -> None:
     async with _engine(_settings(tiny_dir)) as fast:
         decoder = fast._slots
         assert decoder is not None
-        prefill, step = decoder.prefill, decoder.step
+        prefill, step = decoder.prefill_many, decoder.step
         calls = {"prefill": 0, "step": 0}
 
-        def failing_prefill(slot: int, inputs: dict) -> object:
+        def failing_prefill(prompts: list) -> object:
             calls["prefill"] += 1
             if calls["prefill"] == 2:
                 raise RuntimeError("CUDA out of memory (simulated)")
-            return prefill(slot, inputs)
+            return prefill(prompts)
 
-        decoder.prefill = failing_prefill  # type: ignore[method-assign]
-        results = await asyncio.gather(*(_text(fast, r) for r in requests), return_exceptions=True)
-        failed = [r for r in results if isinstance(r, BaseException)]
-        assert len(failed) == 1 and isinstance(failed[0], GenerationError)
-        assert [r for r in results if isinstance(r, str)] == [
-            e for e, r in zip(expected, results, strict=True) if isinstance(r, str)
-        ]
+        decoder.prefill_many = failing_prefill  # type: ignore[method-assign]
+        running = fast.stream(requests[0])
+        head = await anext(running)  # decoding; the next request's prefill fails
+
+        async def rest() -> str:
+            return head + "".join([piece async for piece in running])
+
+        first = asyncio.create_task(rest())
+        with pytest.raises(GenerationError):
+            await _text(fast, requests[1])
+        assert await _text(fast, requests[2]) == expected[2]  # joins the running batch
+        assert await first == expected[0]
 
         def failing_step(tokens: dict) -> object:
             calls["step"] += 1
@@ -195,7 +202,7 @@ async def test_errors_reach_only_the_affected_requests(tiny_dir: Path) -> None:
                 raise RuntimeError("decode failed (simulated)")
             return step(tokens)
 
-        decoder.prefill, decoder.step = prefill, failing_step  # type: ignore[method-assign]
+        decoder.prefill_many, decoder.step = prefill, failing_step  # type: ignore[method-assign]
         results = await asyncio.gather(*(_text(fast, r) for r in requests[:2]), return_exceptions=True)
         assert all(isinstance(r, GenerationError) for r in results)
         assert decoder.cache is None or not decoder.slots  # released

@@ -36,11 +36,11 @@ from inference.local_engine import (
     MODEL_INPUTS,
     LocalEngine,
     _BatchStreamer,
-    _PieceStreamer,
     _Row,
     _StopRows,
     default_num_crops,
 )
+from inference.pieces import TextPieces
 from tests.tiny_model import build_tiny_model, copy_with_longrope
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
@@ -207,7 +207,7 @@ def _rows(tiny: SimpleNamespace, limits: list[int]) -> tuple[list[_Row], list[li
     rows = []
     for limit, pieces in zip(limits, texts, strict=True):
         job = SimpleNamespace(cancelled=threading.Event(), send=pieces.append)
-        rows.append(_Row(job, limit, _PieceStreamer(tiny.tokenizer, job.send)))  # type: ignore[arg-type]
+        rows.append(_Row(job, limit, TextPieces(tiny.tokenizer, job.send)))  # type: ignore[arg-type]
     return rows, texts
 
 
