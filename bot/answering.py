@@ -34,6 +34,10 @@ def waiting_status(place: int) -> str:
     return f"{WAITING_PREFIX} Waiting in line: {ahead} ahead of yours."
 
 
+STARTING_UP = (
+    f"{WAITING_PREFIX} Just a moment: I'm starting up (loading and warming up the model). "
+    "I'll answer as soon as I'm ready."
+)
 MODEL_STOPPED = "The model stopped working, so I'm restarting. Please ask again in a minute."
 
 
@@ -66,11 +70,13 @@ async def answer(
     timeout: float,
     requester_id: int | None = None,
     typing_in: discord.abc.Messageable | None = None,
+    engine_ready: asyncio.Event | None = None,
 ) -> str | None:
     """Stream the engine's answer to `send`; returns the answer, or None after a notice.
 
     With `requester_id`, the first message carries a Cancel button for that person (and
     moderators); pressing it stops the generation or takes the request out of the line.
+    Until `engine_ready` is set (the model loading and warming up), a status says so.
     """
     cancelled_by: list[discord.abc.User] = []
     work: asyncio.Task[str | None] | None = None
@@ -82,14 +88,14 @@ async def answer(
 
     view = CancelView(requester_id, cancel) if requester_id is not None else None
     reply = StreamingReply(send, edit_interval=edit_interval, first_message_view=view)
-    work = asyncio.create_task(_answer(engine, conversation, reply, send, timeout, typing_in))
+    work = asyncio.create_task(_answer(engine, conversation, reply, timeout, typing_in, engine_ready))
     try:
         return await work
     except asyncio.CancelledError:
         if not (work.done() and work.cancelled() and cancelled_by):
             work.cancel()  # the caller is being cancelled (shutdown): stop the work too
             raise
-        await send(notice(f"Cancelled by {cancelled_by[0].mention}."))
+        await reply.conclude(notice(f"Cancelled by {cancelled_by[0].mention}."))
         return None
     finally:
         if view is not None:
@@ -102,9 +108,9 @@ async def _answer(
     engine: Engine,
     conversation: Conversation,
     reply: StreamingReply,
-    send: SendMessage,
     timeout: float,
     typing_in: discord.abc.Messageable | None,
+    engine_ready: asyncio.Event | None,
 ) -> str | None:
     places: asyncio.Queue[int] = asyncio.Queue()
     started = asyncio.Event()
@@ -119,42 +125,49 @@ async def _answer(
     typing = typing_in.typing() if typing_in is not None else contextlib.nullcontext()
     try:
         async with typing:
+            if engine_ready is not None and not engine_ready.is_set():
+                await _show_status(reply, STARTING_UP)
+                await engine_ready.wait()
             pieces = _until_deadline(engine.stream(request), timeout, started)
             async with contextlib.aclosing(pieces):
                 text = await reply.stream(pieces)
     except GenerationTimeout:
         log.warning("answer stopped after %s s", timeout)
-        await send(notice(f"I stopped this answer: it took longer than {timeout:g} seconds."))
+        await reply.conclude(notice(f"I stopped this answer: it took longer than {timeout:g} seconds."))
         return None
     except GenerationError as error:  # the model failed, not the question: give an id to report
-        await send(generation_failed_notice(error))
+        await reply.conclude(generation_failed_notice(error))
         return None
     except EngineClosed:
-        await send(notice(MODEL_STOPPED))
+        await reply.conclude(notice(MODEL_STOPPED))
         raise
     except EngineError as error:
         log.warning("request failed: %s", error)
-        await send(notice(f"Sorry, I could not answer: {error}"))
+        await reply.conclude(notice(f"Sorry, I could not answer: {error}"))
         return None
     except (discord.HTTPException, asyncio.CancelledError):
         raise
     except Exception as error:
-        await send(unexpected_error_notice("request", error))
+        await reply.conclude(unexpected_error_notice("request", error))
         return None
     finally:
         status.cancel()
     if not text.strip():
-        await send(EMPTY_ANSWER)
+        await reply.conclude(EMPTY_ANSWER)
     return text
 
 
 async def _show_places(reply: StreamingReply, places: asyncio.Queue[int]) -> None:
     """Keep the requester's place in line on screen until the answer starts."""
     while (place := await places.get()) > 0:
-        try:
-            await reply.show_status(waiting_status(place))
-        except discord.HTTPException as error:
-            log.info("could not show the place in line: %s", error)
+        await _show_status(reply, waiting_status(place))
+
+
+async def _show_status(reply: StreamingReply, status: str) -> None:
+    try:
+        await reply.show_status(status)
+    except discord.HTTPException as error:
+        log.info("could not show a status (%s): %s", status, error)
 
 
 async def _until_deadline(

@@ -29,6 +29,7 @@ NOT_ALLOWED = "You can't use me here."
 CUT_OFF = "The bot is restarting, so this answer was cut off. Please ask again in a minute."
 SHUTDOWN_GRACE_SECONDS = 5.0
 THREAD_NAME_LIMIT = 100
+STARTING_UP_STATUS = "Starting up: loading the model…"
 
 
 def interaction_expired(error: discord.HTTPException) -> bool:
@@ -47,7 +48,14 @@ class SeeBot(discord.Client):
         discord.VoiceClient.warn_nacl = discord.VoiceClient.warn_dave = False
         intents = discord.Intents.default()
         intents.message_content = True
-        super().__init__(intents=intents, allowed_mentions=discord.AllowedMentions.none(), **client_options)
+        super().__init__(
+            intents=intents,
+            allowed_mentions=discord.AllowedMentions.none(),
+            # Shown in the member list until the model is ready (then: online, no status).
+            status=discord.Status.idle,
+            activity=discord.CustomActivity(STARTING_UP_STATUS),
+            **client_options,
+        )
         self.settings = settings
         self.engine = engine
         self.tree = app_commands.CommandTree(self)
@@ -90,6 +98,15 @@ class SeeBot(discord.Client):
             return
         log.info("model loaded; answering questions")
         self._engine_ready.set()
+        await self._show_online()
+
+    async def _show_online(self) -> None:
+        """Online, without the "starting up" status: now, and in every later IDENTIFY."""
+        self.status, self.activity = discord.Status.online, None
+        try:
+            await self.change_presence(status=discord.Status.online, activity=None)
+        except Exception as error:  # not connected yet: the IDENTIFY or on_ready will say it
+            log.debug("bot status not updated yet: %r", error)
 
     async def shutdown(self) -> None:
         """Stop taking requests, tell people whose answers are cut off, then close."""
@@ -113,9 +130,8 @@ class SeeBot(discord.Client):
     async def on_ready(self) -> None:
         assert self.user is not None
         log.info("connected as %s (id %s) to %d servers", self.user, self.user.id, len(self.guilds))
-
-    async def wait_until_engine_ready(self) -> None:
-        await self._engine_ready.wait()
+        if self._engine_ready.is_set():  # ready before the gateway was: say so now
+            await self._show_online()
 
     # --- messages -----------------------------------------------------------------------
 
@@ -244,8 +260,6 @@ class SeeBot(discord.Client):
 
         if notices:  # skipped attachments, images left out: before the answer, in its place
             await send("\n".join(notice(text) for text in notices))
-        async with channel.typing():
-            await self.wait_until_engine_ready()
         await self._answer_or_say_cut_off(conversation, send, requester, typing_in=channel)
 
     async def _answer_or_say_cut_off(
@@ -265,6 +279,7 @@ class SeeBot(discord.Client):
                 timeout=self.settings.generation_timeout_seconds,
                 requester_id=requester.id,
                 typing_in=typing_in,
+                engine_ready=self._engine_ready,
             )
         except asyncio.CancelledError:
             if self.shutting_down:
@@ -333,7 +348,6 @@ class SeeBot(discord.Client):
         images = collected.images
         if collected.notices:
             await send("\n".join(notice(text) for text in collected.notices))
-        await self.wait_until_engine_ready()
         await self._answer_or_say_cut_off(
             Conversation((Turn("user", question, tuple(images)),)), send, interaction.user
         )

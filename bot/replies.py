@@ -98,6 +98,16 @@ class StreamingReply:
                 await self._messages[0].edit(content=status)
                 self._shown[0] = status
 
+    async def conclude(self, content: str) -> None:
+        """Say how the answer ended (a notice): in place of a status still on screen (the
+        place in line, "starting up"), else in a new message."""
+        async with self._lock:
+            if self._messages and not self.text.strip():
+                await self._messages[0].edit(content=content)
+                self._shown[0] = content
+                return
+        await self._send(content)
+
     async def remove_view(self) -> None:
         """Take the buttons off the first message once the answer is over."""
         if self._view is not None and self._messages:

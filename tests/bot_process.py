@@ -49,9 +49,12 @@ def bot_env(fake: FakeDiscord, model_dir: Path) -> dict[str, str]:
     }
 
 
-async def start_bot(fake: FakeDiscord, model_dir: Path, workdir: Path, **settings: str) -> RunningBot:
+async def start_bot(
+    fake: FakeDiscord, model_dir: Path, workdir: Path, *, wait_for_model: bool = True, **settings: str
+) -> RunningBot:
     """The bot with the tiny model, `settings` added to its environment; returns once it has
-    connected and registered its slash commands."""
+    connected and registered its slash commands and (``wait_for_model``) shows itself online,
+    which it does once the model is loaded and warmed up."""
     log_path = workdir / "bot.log"
     with log_path.open("wb") as log_file:
         process = await asyncio.create_subprocess_exec(
@@ -65,6 +68,10 @@ async def start_bot(fake: FakeDiscord, model_dir: Path, workdir: Path, **setting
             stderr=subprocess.STDOUT,
         )
     await fake.wait_until_ready(timeout=60, commands=["ask", "ocr", "compare"])
+    if wait_for_model:
+        await fake.wait_for(
+            lambda: fake.bot_presence.get("status") == "online", 60, description="the model to be ready"
+        )
     return RunningBot(process, log_path, fake.token)
 
 

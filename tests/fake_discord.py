@@ -515,6 +515,7 @@ class FakeDiscord:
         self.heartbeat_times: list[float] = []
         self.gateway_connects: list[dict[str, str]] = []  # query of each websocket (v, encoding, compress)
         self.identifies: list[JSON] = []
+        self.presence_updates: list[JSON] = []  # gateway op 3 payloads, in order
         self.resumes: list[JSON] = []
         self.typing_events: list[TypingEvent] = []
         self.message_writes: list[MessageWrite] = []
@@ -1005,6 +1006,17 @@ class FakeDiscord:
         """
         return [self._render(self._messages[mid]) for mid in self._channel_messages.get(channel_id, [])]
 
+    @property
+    def bot_presence(self) -> JSON:
+        """The bot's presence as people see it: its last update, else what it IDENTIFYed with."""
+        if self.presence_updates:
+            return self.presence_updates[-1]
+        presence = dict((self.identifies[-1].get("presence") or {}) if self.identifies else {})
+        if "activities" not in presence:  # discord.py IDENTIFYs with the legacy "game" field
+            game = presence.pop("game", None)
+            presence["activities"] = [game] if game else []
+        return presence
+
     def bot_messages_in(self, channel_id: int) -> list[JSON]:
         """The bot's messages in a channel, oldest first (thread starter markers excluded)."""
         return [
@@ -1106,7 +1118,8 @@ class FakeDiscord:
         elif op == OP_REQUEST_MEMBERS:
             await self._request_members(conn, data or {})
         elif op == OP_PRESENCE:
-            pass
+            self.presence_updates.append(copy.deepcopy(data or {}))
+            self._changed()
         else:
             log.info("gateway: ignoring op %r", op)
 

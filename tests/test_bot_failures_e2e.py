@@ -40,7 +40,10 @@ async def test_out_of_gpu_memory_gets_an_error_id_that_is_in_the_log(
     question = await fake.send_message(
         fake.alice, await new_channel(fake, "oom"), "too big for the gpu", mention_bot=True
     )
-    reply = await fake.wait_for_bot_message(int(question["id"]), timeout=30)
+    # (A "starting up" status may come first: the notice takes its place.)
+    reply = await fake.wait_for_bot_message(
+        int(question["id"]), lambda m: m["content"].startswith("⚠️"), timeout=30
+    )
     match = re.fullmatch(
         r"⚠️ The GPU ran out of memory on this question \(error id `([0-9a-f]{8})`\)\. "
         r"Try fewer or smaller images, or ask again when the bot is less busy\.",

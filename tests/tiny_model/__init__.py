@@ -7,7 +7,13 @@ same code path as the hub model (``AutoProcessor`` / ``AutoModelForCausalLM`` wi
 they import only torch, transformers, PIL, numpy and the standard library.
 """
 
-from .builder import REMOTE_CODE_FILES, build_tiny_model, build_tokenizer, copy_with_longrope
+from .builder import (
+    REMOTE_CODE_FILES,
+    build_tiny_model,
+    build_tokenizer,
+    copy_with_load_gate,
+    copy_with_longrope,
+)
 from .image_processing_tiny_phi3_v import num_image_tokens
 from .modeling_tiny_phi3_v import DEFAULT_AFTER_END
 
@@ -20,6 +26,7 @@ __all__ = [
     "REMOTE_CODE_FILES",
     "build_tiny_model",
     "build_tokenizer",
+    "copy_with_load_gate",
     "copy_with_longrope",
     "num_image_tokens",
 ]

@@ -14,6 +14,7 @@ from a fixed seed (the caller's torch RNG state is left alone).
 from __future__ import annotations
 
 import json
+import os
 import random
 import shutil
 from pathlib import Path
@@ -317,5 +318,16 @@ def copy_with_longrope(source: Path, target: Path, original_max_position_embeddi
         "long_factor": [1.5 + 4.0 * n for n in range(half_head)],
     }
     config["original_max_position_embeddings"] = original_max_position_embeddings
+    (target / "config.json").write_text(json.dumps(config, indent=2))
+    return target
+
+
+def copy_with_load_gate(source: Path, target: Path, gate: Path) -> Path:
+    """The same model, whose loading waits until something is written to the named pipe
+    ``gate`` (made here): a bot that is still starting when questions arrive."""
+    shutil.copytree(source, target)
+    os.mkfifo(gate)
+    config = json.loads((target / "config.json").read_text())
+    config["load_gate"] = str(gate)
     (target / "config.json").write_text(json.dumps(config, indent=2))
     return target

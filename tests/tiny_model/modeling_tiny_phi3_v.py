@@ -23,6 +23,9 @@ the row's prompt, ``{question}`` the matched turn text. Rows without a matching 
 random weights, which the builder shapes so that they never produce a special token, a
 partial UTF-8 byte or an unused id: they never stop by themselves (a logits processor can
 still force ``<|end|>`` at any step) and always decode to clean text.
+
+Slow loading: with ``config.load_gate`` (a path to a named pipe), building the model waits
+until someone writes to that pipe, as a big model keeps a bot starting for minutes.
 """
 
 from __future__ import annotations
@@ -196,6 +199,10 @@ class TinyPhi3VPreTrainedModel(PreTrainedModel):
 class TinyPhi3VForCausalLM(TinyPhi3VPreTrainedModel, GenerationMixin):
     def __init__(self, config: TinyPhi3VConfig) -> None:
         super().__init__(config)
+        gate = getattr(config, "load_gate", None)
+        if gate:
+            with open(gate, "rb") as pipe:  # blocks until the test opens it for writing
+                pipe.read()
         self.model = Phi3Model(config)
         self.model.vision_embed_tokens = TinyImageEmbedding(config, self.model.embed_tokens)
         self.vocab_size = config.vocab_size
