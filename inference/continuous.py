@@ -25,24 +25,25 @@ Design (what differs from "one ``generate`` per batch"):
   ``[0, P)``. Its last logits give its first token (the same sampling rules as the engine:
   greedy at temperature 0, else temperature + the model's top-k/top-p). It then decodes in
   step with the others from the next step on.
-- **Decode step.** All slots run every step (fixed shapes: slots x 1 token, LENGTH cache):
-  free slots feed the pad token at position 0 and see only position 0 (their output is
-  dropped; they never produce NaNs). On CUDA with COMPILE the step is
-  ``torch.compile(mode="reduce-overhead", fullgraph=True)``: CUDA graphs, one graph per
-  (slots, LENGTH); never on the CPU.
+- **Decode step.** On CUDA with COMPILE all slots run every step (fixed shapes: slots x 1
+  token, LENGTH cache) as ``torch.compile(mode="reduce-overhead", fullgraph=True)``: CUDA
+  graphs, one graph per (slots, LENGTH). Eager (the CPU, or COMPILE=off) runs only the rows
+  up to the last busy slot, attending only over the positions the furthest row has reached.
+  Free slots among them feed the pad token at position 0 and see only position 0 (their
+  output is dropped; they never produce NaNs).
 - **LongRoPE per row.** ``fast_path._LongRopeEmbedding`` picks short/long factors per row
   (by the row's own largest position in that forward), so a row's tokens never depend on
   which rows share its batch: batched == alone for every row, across the switch too.
-- **Cache size.** LENGTH = the larger of (first request's prompt + max_new_tokens) and, on
-  CUDA only, MAX_BATCH_TOKENS / MAX_BATCH_SIZE, rounded up to a bucket (256); SLOTS =
-  MAX_BATCH_TOKENS // LENGTH, clamped to [1, MAX_BATCH_SIZE]. (On the CPU attention over
+- **Cache size.** LENGTH = the larger of (first request's prompt + max_new_tokens) and, when
+  the step is compiled, MAX_BATCH_TOKENS / MAX_BATCH_SIZE, rounded up to a bucket (256);
+  SLOTS = MAX_BATCH_TOKENS // LENGTH, clamped to [1, MAX_BATCH_SIZE]. (Eager, attention over
   empty positions costs time and there are no graphs to keep, so LENGTH is the first
   request's need: a later, longer request waits for the batch to drain.) The cache is kept
   while that shape holds. A request that does not fit a slot (prompt + max_new_tokens >
   LENGTH) waits, first in line, until the batch drains; then the cache is re-made for it.
-
-Not done here: warm-up at start-up and an on-disk compile cache (the first decode steps on
-CUDA with COMPILE pay the compile), and verification on a GPU.
+- **Warm-up** (``warm_up.py``): the engine runs the common shapes once before it takes
+  questions, so compiling and recording graphs happen at start-up; compiled artefacts are
+  kept on disk (COMPILE_CACHE_DIR) for the next start.
 """
 
 from __future__ import annotations
@@ -63,10 +64,12 @@ class SlotCache(StaticCache):
     """A ``StaticCache`` whose decode writes go to a per-row position (``cache_position``
     of shape (rows,)), one new token per row.
 
-    ``visible_length``: when set (eager decoding), attention reads only that many leading
-    positions, the furthest any row has reached; CUDA graphs need the whole fixed shape.
+    ``visible_rows`` / ``visible_length``: when set (eager decoding), the step runs only the
+    leading rows up to the last busy slot, and attention reads only the positions the
+    furthest row has reached; CUDA graphs need the whole fixed shape.
     """
 
+    visible_rows: int | None = None
     visible_length: int | None = None
 
     def update(
@@ -77,8 +80,8 @@ class SlotCache(StaticCache):
         cache_kwargs: dict[str, Any] | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         positions = (cache_kwargs or {})["cache_position"]
-        k_out = self.key_cache[layer_idx]
-        v_out = self.value_cache[layer_idx]
+        k_out = self.key_cache[layer_idx][: self.visible_rows]  # a view: writes land in the cache
+        v_out = self.value_cache[layer_idx][: self.visible_rows]
         rows, heads, _, dim = key_states.shape
         index = positions.view(rows, 1, 1, 1).expand(rows, heads, 1, dim)
         k_out.scatter_(2, index, key_states.to(k_out.dtype))
@@ -124,12 +127,15 @@ class SlotDecoder:
     dtype and compile choice are used). ``pad_id``: what free slots feed.
     """
 
-    def __init__(self, fast: Any, *, pad_id: int, bucket: int = DEFAULT_BUCKET) -> None:
+    def __init__(
+        self, fast: Any, *, pad_id: int, bucket: int = DEFAULT_BUCKET, compile: bool | None = None
+    ) -> None:
         self.native = fast.native
         self.remote_model = fast.remote_model
         self.device = fast.device
         self.dtype = fast.dtype
-        self.compile = bool(fast.compile and self.device.type == "cuda")
+        # Compile the decode step: CUDA graphs on CUDA; inductor alone on the CPU (COMPILE=on).
+        self.compile = bool(fast.compile if compile is None else compile)
         self.pad_id = int(pad_id)
         self.bucket = max(1, int(bucket))
         self.cache: SlotCache | None = None
@@ -142,11 +148,9 @@ class SlotDecoder:
 
     def shape_for(self, need: int, max_rows: int, max_tokens: int) -> tuple[int, int]:
         """(slots, length) for a first request needing ``need`` positions (see the docstring)."""
-        # On CUDA every slot gets its share of MAX_BATCH_TOKENS, so shapes (CUDA graphs) repeat
-        # and joiners fit; on the CPU attention over empty positions only costs time.
-        floor = (
-            (max_tokens // max(1, max_rows)) // self.bucket * self.bucket if self.device.type == "cuda" else 0
-        )
+        # Compiled, every slot gets its share of MAX_BATCH_TOKENS, so shapes (graphs) repeat and
+        # joiners fit; eager, attention over empty positions only costs time.
+        floor = (max_tokens // max(1, max_rows)) // self.bucket * self.bucket if self.compile else 0
         length = max(cache_length(need, 0, self.bucket), floor, self.bucket)
         slots = max(1, min(max_rows, max_tokens // length))
         return slots, length
@@ -168,7 +172,8 @@ class SlotDecoder:
         self._positions = torch.zeros(slots, dtype=torch.long)
         self._step_fn = self._decode_forward
         if self.compile:
-            self._step_fn = torch.compile(self._decode_forward, mode="reduce-overhead", fullgraph=True)
+            mode = "reduce-overhead" if self.device.type == "cuda" else None  # CUDA graphs
+            self._step_fn = torch.compile(self._decode_forward, mode=mode, fullgraph=True)
 
     def release(self) -> None:
         """Drop the cache (after an error, or to re-make it in another shape)."""
@@ -235,6 +240,7 @@ class SlotDecoder:
         self, ids: torch.Tensor, positions: torch.Tensor, span: int | None = None
     ) -> torch.Tensor:
         assert self.cache is not None
+        self.cache.visible_rows = None if span is None else ids.shape[0]
         self.cache.visible_length = span
         visible = torch.arange(span or self.length, device=positions.device)[None, :] <= positions[:, None]
         mask = torch.zeros(visible.shape, dtype=self.dtype, device=positions.device)
@@ -253,10 +259,13 @@ class SlotDecoder:
 
     def step(self, tokens: Mapping[int, int]) -> torch.Tensor:
         """One decode step: ``tokens`` maps each busy slot to its last token; every busy slot
-        advances one position. Returns logits (slots x vocab); free slots' rows are junk."""
+        advances one position. Returns logits (rows x vocab; at least up to the last busy
+        slot); free slots' rows are junk."""
         assert self.cache is not None and self._step_fn is not None
-        ids = torch.full((self.slots, 1), self.pad_id, dtype=torch.long)
-        positions = torch.zeros(self.slots, dtype=torch.long)
+        # Eager: only the rows up to the last busy slot (joiners take the lowest free slots).
+        rows = self.slots if self.compile else max(tokens) + 1
+        ids = torch.full((rows, 1), self.pad_id, dtype=torch.long)
+        positions = torch.zeros(rows, dtype=torch.long)
         for slot, token in tokens.items():
             ids[slot, 0] = token
             positions[slot] = self._positions[slot]

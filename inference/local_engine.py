@@ -15,6 +15,7 @@ import asyncio
 import collections
 import logging
 import threading
+import time
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -30,6 +31,7 @@ from .fast_path import FastPathGenerator, FastPathUnavailable
 from .loading import LoadedModel, load_model
 from .pieces import TextPieces
 from .settings import InferenceSettings
+from .warm_up import use_compile_cache, warm_up, warm_up_conversations
 
 log = logging.getLogger(__name__)
 
@@ -281,6 +283,8 @@ class LocalEngine:
         try:
             self._loaded = self._loader(self.settings)
             self._fast = self._fast_path(self._loaded)
+            if self._slots is not None:
+                self._warm_up()
         except BaseException as error:
             loop.call_soon_threadsafe(_settle, ready, error)
             return
@@ -313,12 +317,52 @@ class LocalEngine:
         except FastPathUnavailable as reason:
             log.warning("fast path off, using the plain path: %s", reason)
             return None
-        log.info(
-            "fast path on: native Phi-3, %s, continuous batching",
-            "CUDA graphs" if compile_decode and on_cuda else "eager",
-        )
-        self._slots = SlotDecoder(fast, pad_id=padding_id(loaded.tokenizer))
+        decoding = "eager"
+        if compile_decode:
+            cache = use_compile_cache(self.settings.compile_cache_dir)
+            decoding = f"{'CUDA graphs' if on_cuda else 'compiled'}, compile cache {cache}"
+        log.info("fast path on: native Phi-3, %s, continuous batching", decoding)
+        self._slots = SlotDecoder(fast, pad_id=padding_id(loaded.tokenizer), compile=compile_decode)
         return fast
+
+    def _warm_up(self) -> None:
+        """Run the fast path's common shapes before taking questions (see warm_up.py). If
+        compiling fails, decode eagerly; if the fast path itself fails, use the plain path:
+        one log line each, never a crash."""
+        decoder = self._slots
+        assert decoder is not None and self._loaded is not None
+        started = time.perf_counter()
+        try:
+            settings = self.settings
+            prompts = []
+            for conversation in warm_up_conversations():
+                encoded = self._fit_context(GenerationRequest(conversation), settings.max_new_tokens)
+                prompts.append(self._on_device(encoded))
+
+            def shape_for(need: int) -> tuple[int, int]:
+                return decoder.shape_for(need, settings.max_batch_size, settings.max_batch_tokens)
+
+            try:
+                shapes = warm_up(decoder, prompts, shape_for, settings.max_new_tokens)
+            except Exception as error:
+                if not decoder.compile:
+                    raise
+                log.warning("compiling the decode step failed, decoding without it: %s", error)
+                decoder.release()
+                decoder.compile = False
+                _release_gpu_memory()
+                shapes = warm_up(decoder, prompts, shape_for, settings.max_new_tokens)
+        except Exception as error:
+            log.warning("fast path off after its warm-up failed, using the plain path: %s", error)
+            decoder.release()
+            _release_gpu_memory()
+            self._slots = self._fast = None
+            return
+        log.info(
+            "warmed up in %.1f s (KV cache shapes, slots x tokens: %s)",
+            time.perf_counter() - started,
+            ", ".join(f"{slots} x {length}" for slots, length in shapes),
+        )
 
     def _take_batch(self) -> list[_Job] | None:
         """The next request, and those waiting behind it that can share its `generate` call.
@@ -512,10 +556,7 @@ class LocalEngine:
         for job, slot in zip(group, free, strict=True):
             self._tell_started(job)
             rows.append(_Row(job, self._max_new_tokens(job), TextPieces(loaded.tokenizer, job.send)))
-            inputs = {name: tensor.to(loaded.device) for name, tensor in job.encoded.items()}  # type: ignore[union-attr]
-            if "pixel_values" in inputs:
-                inputs["pixel_values"] = inputs["pixel_values"].to(loaded.dtype)
-            prompts.append((slot, inputs))
+            prompts.append((slot, self._on_device(job.encoded)))  # type: ignore[arg-type]
         row_temperatures = [self._temperature(job) for job in group]
         try:
             logits = decoder.prefill_many(prompts)
@@ -546,6 +587,14 @@ class LocalEngine:
             feed[slot] = token
             temperatures[slot] = temperature
         self._no_longer_running(active, [])
+
+    def _on_device(self, encoded: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        loaded = self._loaded
+        assert loaded is not None
+        inputs = {name: tensor.to(loaded.device) for name, tensor in encoded.items()}
+        if "pixel_values" in inputs:
+            inputs["pixel_values"] = inputs["pixel_values"].to(loaded.dtype)
+        return inputs
 
     def _prepare(self, job: _Job) -> bool:
         """Encode the request (once); on failure tell its requester and leave it out."""
@@ -639,12 +688,7 @@ class LocalEngine:
         assert loaded is not None
         tokenizer = loaded.tokenizer
         rows = [_Row(job, self._max_new_tokens(job), TextPieces(tokenizer, job.send)) for job in batch]
-        inputs = {
-            name: tensor.to(loaded.device)
-            for name, tensor in self._collate([job.encoded for job in batch]).items()  # type: ignore[misc]
-        }
-        if "pixel_values" in inputs:
-            inputs["pixel_values"] = inputs["pixel_values"].to(loaded.dtype)
+        inputs = self._on_device(self._collate([job.encoded for job in batch]))  # type: ignore[misc]
         temperature = self._temperature(batch[0])
         sampling: dict[str, Any] = (
             {"do_sample": True, "temperature": temperature} if temperature > 0 else {"do_sample": False}

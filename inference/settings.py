@@ -90,9 +90,12 @@ class InferenceSettings:
     max_batch_size: int = 8
     max_batch_tokens: int = 16384
     # Generate with transformers' native Phi-3 (sharing the remote model's weights): auto = on
-    # with CUDA for a Phi-3-vision model; on; off. COMPILE: CUDA graphs for decoding.
+    # with CUDA for a Phi-3-vision model; on; off. COMPILE: the fast path's decode step
+    # compiled (CUDA graphs on CUDA); auto = on with CUDA. Its artefacts are kept in
+    # COMPILE_CACHE_DIR (None: ~/.cache/seebot/torch-compile) for the next start.
     fast_path: str = "auto"
     compile: str = "auto"
+    compile_cache_dir: str | None = None
     engine: str = "local"
     # ENGINE=openai: an OpenAI-compatible server (such as vLLM) runs the model.
     openai_base_url: str = DEFAULT_OPENAI_BASE_URL
@@ -125,6 +128,7 @@ class InferenceSettings:
             max_batch_tokens=env_int(env, "MAX_BATCH_TOKENS", 16384, minimum=16) or 16384,
             fast_path=env_choice(env, "FAST_PATH", "auto", SWITCHES),
             compile=env_choice(env, "COMPILE", "auto", SWITCHES),
+            compile_cache_dir=env_str(env, "COMPILE_CACHE_DIR", None),
             engine=env_choice(env, "ENGINE", "local", ENGINES),
             openai_base_url=check_base_url(
                 env_str(env, "OPENAI_BASE_URL", DEFAULT_OPENAI_BASE_URL) or DEFAULT_OPENAI_BASE_URL
