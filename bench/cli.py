@@ -18,7 +18,7 @@ from typing import Any
 
 log = logging.getLogger("bench")
 
-SECTIONS = ("lag", "overhead", "throughput")
+SECTIONS = ("lag", "overhead", "throughput", "fastpath")
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -38,12 +38,37 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         "--only", action="append", choices=SECTIONS, help="run only this measurement (repeatable)"
     )
     parser.add_argument(
+        "--gpu",
+        action="store_true",
+        help="the real model's shapes on CUDA: needs --hub-files; runs the plain vs fast path "
+        "comparison unless --only says otherwise",
+    )
+    parser.add_argument(
+        "--hub-files",
+        type=Path,
+        default=None,
+        help="a folder with the hub model's files but no weights (config, remote code, "
+        "processor, tokenizer): the model is built from them with random weights",
+    )
+    parser.add_argument(
+        "--layers", type=int, default=None, help="with --hub-files: keep only this many layers (smoke runs)"
+    )
+    parser.add_argument(
         "--fast-path",
         choices=("auto", "on", "off"),
         default=None,
         help="FAST_PATH for the throughput engines (default: the setting's own default, auto)",
     )
-    return parser.parse_args(argv)
+    args = parser.parse_args(argv)
+    if args.gpu:
+        if args.hub_files is None:
+            parser.error("--gpu needs --hub-files (the hub model's files, without weights)")
+        if args.device == "cpu":
+            args.device = "cuda"
+        args.only = args.only or ["fastpath"]
+    if args.hub_files is not None and args.model is not None:
+        parser.error("--hub-files and --model are two ways to name the model: give one")
+    return args
 
 
 def prepare_environment(offline: bool) -> Path:
@@ -65,17 +90,32 @@ async def run(args: argparse.Namespace, sections: tuple[str, ...]) -> dict[str, 
 
     torch.set_num_threads(1)  # 2 shared cores: more threads are slower and erratic
 
+    from .fast_path import FastPathConfig, measure_fast_path
     from .loop_lag import LagConfig, measure_loop_lag
     from .machine import machine_info
     from .model import BenchModel, build_tiny
     from .overhead import OverheadConfig, measure_overhead
+    from .random_weights import build_random_weights_model
     from .throughput import ThroughputConfig, measure_throughput
 
-    if args.model is None:
+    if args.hub_files is not None:
+        directory = Path(tempfile.mkdtemp(prefix="seebot-bench-random-"))
+        dtype = torch.bfloat16 if args.device.startswith("cuda") else torch.float32
+        build_random_weights_model(
+            args.hub_files, directory, device=args.device, dtype=dtype, layers=args.layers
+        )
+        model = BenchModel(str(directory), args.device, tiny=False)
+    elif args.model is None:
         model = build_tiny(Path(tempfile.mkdtemp(prefix="seebot-bench-tiny-")), args.device)
     else:
         model = BenchModel(args.model, args.device, tiny=False)
     quick = args.quick
+    fast_path = FastPathConfig(
+        max_new_tokens=128,
+        concurrency=(1, 4, 8, 16),
+        requests_per_client=1 if quick else 3,
+        alone_runs=2 if quick else 5,
+    )
     lag = LagConfig(
         generations=2 if quick else 8,
         bursts=1 if quick else 3,
@@ -89,12 +129,17 @@ async def run(args: argparse.Namespace, sections: tuple[str, ...]) -> dict[str, 
     results: dict[str, Any] = {
         "machine": machine_info(args.device),
         "config": {
-            "model": "tiny (tests.tiny_model, built offline)" if model.tiny else model.model_id,
+            "model": "tiny (tests.tiny_model, built offline)"
+            if model.tiny
+            else f"random weights from {args.hub_files}" + (f", {args.layers} layers" if args.layers else "")
+            if args.hub_files
+            else model.model_id,
             "device": args.device,
             "quick": quick,
             "loop_lag": vars(lag),
             "overhead": vars(overhead),
             "throughput": vars(throughput),
+            "fast_path": vars(fast_path),
         },
     }
     if "lag" in sections:
@@ -106,6 +151,9 @@ async def run(args: argparse.Namespace, sections: tuple[str, ...]) -> dict[str, 
     if "throughput" in sections:
         log.info("measuring throughput")
         results["throughput"] = await measure_throughput(model, throughput, fast_path=args.fast_path)
+    if "fastpath" in sections:
+        log.info("measuring the plain path against the fast path")
+        results["fast_path"] = await measure_fast_path(model, fast_path)
     return results
 
 
@@ -115,7 +163,7 @@ def main(argv: list[str] | None = None) -> int:
         level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr
     )
     started = time.perf_counter()
-    prepare_environment(offline=args.model is None)
+    prepare_environment(offline=args.model is None)  # --hub-files: local files, offline too
     sections = tuple(args.only) if args.only else SECTIONS
     results = asyncio.run(run(args, sections))
     results["wall_seconds"] = time.perf_counter() - started

@@ -94,6 +94,110 @@ def throughput_table(result: dict[str, Any]) -> str:
     return title + "\n\n" + table(header, rows)
 
 
+def _times(ratio: float | None) -> str:
+    return "" if ratio is None else f"{ratio:.2f}x"
+
+
+def fast_path_tables(result: dict[str, Any]) -> str:
+    modes = result["modes"]
+    alone = []
+    for m in modes:
+        decode = m["decode_tokens_per_s"]
+        warm = m["warm_up_s"]
+        alone.append(
+            [
+                m["mode"],
+                m["decoding"],
+                f"{m['start_s']:.1f}",
+                "" if warm is None else f"{warm:.1f}",
+                f"{m['first_piece_s']['median'] * 1000:.0f}",
+                "" if decode is None else f"{decode['median']:.1f}",
+                _times(m["decode_vs_plain"]),
+            ]
+        )
+    header = [
+        "path",
+        "ran as",
+        "start (s)",
+        "warm-up (s)",
+        "first piece alone, p50 (ms)",
+        "decode tokens/s alone, p50",
+        "decode vs plain",
+    ]
+    load = []
+    for m in modes:
+        for row in m["rows"]:
+            peak = row["peak_memory_gib"]
+            load.append(
+                [
+                    m["mode"],
+                    str(row["concurrency"]),
+                    str(row["requests"]),
+                    f"{row['tokens_per_s']:.0f}",
+                    _times(m["tokens_per_s_vs_plain"][str(row["concurrency"])]),
+                    _s(row["first_piece_p50_s"]),
+                    _s(row["latency_p50_s"]),
+                    "n/a (CPU)" if peak is None else f"{peak:.1f}",
+                ]
+            )
+    load_header = [
+        "path",
+        "concurrent",
+        "requests",
+        "tokens/s",
+        "vs plain",
+        "first piece p50 (s)",
+        "latency p50 (s)",
+        "peak GPU memory (GiB)",
+    ]
+    title = (
+        f"### Plain vs fast path ({result['max_new_tokens']} new tokens per request, one "
+        f"{result['picture']} picture = {result['prompt_tokens']} prompt tokens, MAX_BATCH_SIZE="
+        f"{result['max_batch_size']}, MAX_BATCH_TOKENS={result['max_batch_tokens']}; requests "
+        "arrive at random times)"
+    )
+    return "\n\n".join([title, table(header, alone), table(load_header, load)])
+
+
+def fast_path_target_lines(result: dict[str, Any], on_gpu: bool) -> list[str]:
+    modes = {m["mode"]: m for m in result["modes"]}
+    best = modes["fast, compiled"]
+    lines = []
+    if on_gpu:
+        decode = (best["decode_tokens_per_s"] or {}).get("median") or 0.0
+        ratio = best["decode_vs_plain"] or 0.0
+        at_8 = next((r for r in best["rows"] if r["concurrency"] == 8), None)
+        at_16 = next((r for r in best["rows"] if r["concurrency"] == 16), None)
+        first = best["first_piece_s"]["median"] * 1000
+        lines.append(
+            f"- Fast path decode alone: {decode:.0f} tokens/s = {ratio:.1f}x plain "
+            f"(target >= 170 and >= 10x): {_verdict(decode >= 170 and ratio >= 10)}"
+        )
+        if at_8:
+            lines.append(
+                f"- Fast path at 8 concurrent: {at_8['tokens_per_s']:.0f} tokens/s "
+                f"(target >= 700): {_verdict(at_8['tokens_per_s'] >= 700)}"
+            )
+        lines.append(
+            f"- First token, one picture: {first:.0f} ms (target <= 150 ms): {_verdict(first <= 150)}"
+        )
+        if at_16 and at_16["peak_memory_gib"] is not None:
+            peak = at_16["peak_memory_gib"]
+            lines.append(
+                f"- Peak memory at 16 concurrent: {peak:.1f} GiB (target <= 30): {_verdict(peak <= 30)}"
+            )
+    for name in ("fast, eager", "fast, compiled"):
+        ratios = modes[name]["tokens_per_s_vs_plain"]
+        worst = min(ratios.values())
+        decode = modes[name]["decode_vs_plain"]
+        lines.append(
+            f"- {name} vs plain: decode alone {_times(decode)}, tokens/s "
+            + ", ".join(f"{_times(r)} at {c}" for c, r in ratios.items())
+            + f" (target: not slower): {_verdict(worst >= 1.0 and (decode or 0) >= 1.0)}"
+        )
+    return lines
+
+
 def _verdict(met: bool) -> str:
     return "met" if met else "NOT met"
 
@@ -124,6 +228,9 @@ def target_lines(results: dict[str, Any]) -> list[str]:
             f"{throughput['batched_speedup_tokens_per_s']['8']:.2f}x "
             f"(target >= {throughput['target_speedup_at_8']:.0f}x): {_verdict(throughput['target_met'])}"
         )
+    fast = results.get("fast_path")
+    if fast:
+        lines += fast_path_target_lines(fast, str(results["machine"]["device"]).startswith("cuda"))
     return lines
 
 
@@ -141,6 +248,8 @@ def render(results: dict[str, Any]) -> str:
         parts.append(overhead_table(results["overhead"]))
     if "throughput" in results:
         parts.append(throughput_table(results["throughput"]))
+    if "fast_path" in results:
+        parts.append(fast_path_tables(results["fast_path"]))
     parts.append("### Targets\n\n" + "\n".join(target_lines(results)))
     return "\n\n".join(parts) + "\n"
 

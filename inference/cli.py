@@ -76,6 +76,7 @@ def build_settings(args: argparse.Namespace) -> InferenceSettings:
 
 async def answer(settings: InferenceSettings, question: str, images: list[Image.Image]) -> None:
     from . import create_engine
+
     engine = create_engine(settings)
     try:
         await engine.start()

@@ -171,10 +171,19 @@ class LocalEngine:
         self._slots: SlotDecoder | None = None
         # Requests that joined a batch already decoding (continuous batching; for tests/logs).
         self.joined_running = 0
+        # How long the fast path's warm-up took at start-up (None: no warm-up ran).
+        self.warm_up_seconds: float | None = None
 
     @property
     def loaded(self) -> LoadedModel | None:
         return self._loaded
+
+    @property
+    def decoding(self) -> str:
+        """How answers are generated: "plain", "fast, eager" or "fast, compiled"."""
+        if self._slots is None:
+            return "plain"
+        return "fast, compiled" if self._slots.compile else "fast, eager"
 
     @property
     def waiting(self) -> int:
@@ -358,9 +367,10 @@ class LocalEngine:
             _release_gpu_memory()
             self._slots = self._fast = None
             return
+        self.warm_up_seconds = time.perf_counter() - started
         log.info(
             "warmed up in %.1f s (KV cache shapes, slots x tokens: %s)",
-            time.perf_counter() - started,
+            self.warm_up_seconds,
             ", ".join(f"{slots} x {length}" for slots, length in shapes),
         )
 
