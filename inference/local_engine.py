@@ -344,7 +344,7 @@ class LocalEngine:
         try:
             settings = self.settings
             prompts = []
-            for conversation in warm_up_conversations():
+            for conversation in warm_up_conversations(with_picture=decoder.compile):
                 encoded = self._fit_context(GenerationRequest(conversation), settings.max_new_tokens)
                 prompts.append(self._on_device(encoded))
 

@@ -6,8 +6,9 @@ compiled kernels are in the on-disk cache, see ``use_compile_cache``). Paying th
 start-up, on the worker thread while the bot connects and tells early askers it is still
 starting, means no question waits for it. The shapes warmed are those of a text-only
 question and of a question about one 16:9 picture at the default number of crops, each with
-MAX_NEW_TOKENS to answer: the shapes most questions get. Eager (CPU), the same run costs
-milliseconds and sets up the KV cache before the first question.
+MAX_NEW_TOKENS to answer: the shapes most questions get. Eager (no compile), only the
+text-only question runs: it checks the fast path works with this model (else the engine
+falls back to the plain path before taking questions) and sets up the KV cache.
 """
 
 from __future__ import annotations
@@ -32,9 +33,14 @@ WARM_UP_PICTURE_SIZE = (1280, 720)
 WARM_UP_STEPS = 3
 
 
-def warm_up_conversations() -> list[Conversation]:
-    picture = Image.new("RGB", WARM_UP_PICTURE_SIZE, (128, 128, 128))
-    return [Conversation.single(WARM_UP_QUESTION), Conversation.single(WARM_UP_QUESTION, [picture])]
+def warm_up_conversations(*, with_picture: bool) -> list[Conversation]:
+    """A text-only question, and (``with_picture``: when compiling, where a shape not warmed
+    costs a compile) a question about one picture, whose image encoder costs real time."""
+    conversations = [Conversation.single(WARM_UP_QUESTION)]
+    if with_picture:
+        picture = Image.new("RGB", WARM_UP_PICTURE_SIZE, (128, 128, 128))
+        conversations.append(Conversation.single(WARM_UP_QUESTION, [picture]))
+    return conversations
 
 
 def warm_up(
@@ -71,7 +77,13 @@ def use_compile_cache(directory: str | None) -> Path:
     kernels) in ``directory`` (default: ~/.cache/seebot/torch-compile) rather than /tmp, so
     a restart (or a new container with that folder mounted) finds them. An explicit
     TORCHINDUCTOR_CACHE_DIR in the environment wins."""
-    chosen = Path(os.environ.get("TORCHINDUCTOR_CACHE_DIR") or directory or default_compile_cache())
+    from torch._inductor.runtime.cache_dir_utils import default_cache_dir
+
+    # torch writes its /tmp default into the environment the first time it looks: not a choice.
+    given = os.environ.get("TORCHINDUCTOR_CACHE_DIR")
+    if given == default_cache_dir():
+        given = None
+    chosen = Path(given or directory or default_compile_cache())
     chosen.mkdir(parents=True, exist_ok=True)
     os.environ["TORCHINDUCTOR_CACHE_DIR"] = str(chosen)
     import torch._inductor.config as inductor_config
