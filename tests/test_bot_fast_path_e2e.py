@@ -33,5 +33,6 @@ async def test_the_bot_answers_on_the_fast_path(tiny_model_dir: Path, tmp_path: 
             )
             assert answer["content"].strip() and not answer["content"].startswith("⚠️")
             assert "fast path on: native Phi-3" in bot.log
+            assert "warmed up in" in bot.log  # before it took the question
         finally:
             await stop(bot)

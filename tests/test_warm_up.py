@@ -77,3 +77,18 @@ async def test_when_the_fast_path_fails_to_warm_up_it_uses_the_plain_path(
         assert "fast path off after its warm-up failed, using the plain path" in caplog.text
         assert engine._slots is None
         assert [await _text(engine, request) for request in requests] == expected
+
+
+def test_compile_cache_choice(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from torch._inductor.runtime.cache_dir_utils import default_cache_dir
+
+    from inference.warm_up import use_compile_cache
+
+    chosen = tmp_path / "chosen"
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", default_cache_dir())  # torch's own, not a choice
+    assert use_compile_cache(str(chosen)) == chosen and chosen.is_dir()
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path / "operator's"))  # set on purpose: wins
+    assert use_compile_cache(str(chosen)) == tmp_path / "operator's"
+    monkeypatch.delenv("TORCHINDUCTOR_CACHE_DIR")
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
+    assert use_compile_cache(None) == tmp_path / "xdg" / "seebot" / "torch-compile"
