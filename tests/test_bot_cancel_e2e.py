@@ -107,6 +107,7 @@ async def test_cancelling_while_waiting_leaves_the_line(fake: FakeDiscord, bot: 
         int(waiting["id"]), lambda m: m["content"].startswith("⚠️"), timeout=10
     )
     assert notice["content"] == f"⚠️ Cancelled by <@{carol['id']}>."
+    assert notice["id"] == status["id"]  # in place of the stale "waiting in line", not below it
 
     await press_cancel(fake, fake.alice, running)
     await fake.wait_for_bot_message(running_thread, lambda m: m["content"].startswith("⚠️"), timeout=10)
