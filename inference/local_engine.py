@@ -5,8 +5,9 @@ exactly one thread loads the model and runs every request. Text pieces come back
 event loop with `call_soon_threadsafe`; the loop never waits on the GPU.
 
 Plain path: requests waiting together run as one batched `generate` call (`_take_batch`).
-Fast path (FAST_PATH): continuous batching (`_serve_continuous`, inference/continuous.py):
-a request joins the running batch at the next decode step and leaves it when done.
+Fast path (FAST_PATH): continuous batching (`_serve_continuous` in continuous_serving.py,
+over continuous.py's slots): a request joins the running batch at the next decode step and
+leaves it when done.
 """
 
 from __future__ import annotations
@@ -15,65 +16,33 @@ import asyncio
 import collections
 import logging
 import threading
-import time
 from collections.abc import AsyncIterator, Callable
-from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 from transformers import StoppingCriteria, StoppingCriteriaList
 from transformers.generation.streamers import BaseStreamer
 
-from .continuous import SlotDecoder, choose_tokens
+from .continuous import SlotDecoder
+from .continuous_serving import ContinuousServing
 from .conversation import Conversation, PromptError, build_prompt, without_oldest_exchange
 from .engine import EngineClosed, EngineError, GenerationError, GenerationRequest, PromptTooLong
-from .fast_path import FastPathGenerator, FastPathUnavailable
+from .fast_path import FastPathGenerator
+from .jobs import BATCH_GATHER_SECONDS, DONE, Job, Row, padding_id, release_gpu_memory
 from .loading import LoadedModel, load_model
 from .pieces import TextPieces
 from .settings import InferenceSettings
-from .warm_up import use_compile_cache, warm_up, warm_up_conversations
 
 log = logging.getLogger(__name__)
 
-_DONE = object()
 MODEL_INPUTS = ("input_ids", "attention_mask", "pixel_values", "image_sizes")
-BATCH_GATHER_SECONDS = 0.002
-
-
-@dataclass(eq=False)
-class _Job:
-    request: GenerationRequest
-    loop: asyncio.AbstractEventLoop
-    pieces: asyncio.Queue[Any] = field(default_factory=asyncio.Queue)
-    cancelled: threading.Event = field(default_factory=threading.Event)
-    position: int | None = None
-    # The prompt as model inputs (on the CPU), made once on the worker thread.
-    encoded: dict[str, torch.Tensor] | None = None
-
-    def send(self, item: Any) -> None:
-        """Hand an item to the waiting coroutine; safe from the worker thread."""
-        try:
-            self.loop.call_soon_threadsafe(self.pieces.put_nowait, item)
-        except RuntimeError:  # the event loop is gone: nobody is listening any more
-            self.cancelled.set()
-
-    def tell_position(self, position: int) -> None:
-        """Report the place in line to the requester (on the event loop), once per change."""
-        callback = self.request.on_queue_position
-        if callback is None or position == self.position or self.cancelled.is_set():
-            return
-        self.position = position
-        try:
-            callback(position)
-        except Exception:
-            log.exception("queue position callback failed")
 
 
 class _StopRows(StoppingCriteria):
     """Ends each row of a batch on its own: when its requester left, when it reached its own
     token limit or stop token (the streamer marks those), and all of them on shutdown."""
 
-    def __init__(self, rows: list[_Row], closing: threading.Event) -> None:
+    def __init__(self, rows: list[Row], closing: threading.Event) -> None:
         self._rows = rows
         self._closing = closing
 
@@ -85,44 +54,11 @@ class _StopRows(StoppingCriteria):
         return torch.tensor(stop, dtype=torch.bool, device=input_ids.device)
 
 
-@dataclass(eq=False)
-class _Row:
-    """One request inside a batched `generate` call."""
-
-    job: _Job
-    max_new_tokens: int
-    streamer: TextPieces
-    generated: int = 0
-    finished: bool = False
-
-    def finish(self, item: Any = _DONE) -> None:
-        if self.finished:
-            return
-        self.finished = True
-        if item is _DONE:
-            self.streamer.end()
-        self.job.send(item)
-
-    def accept(self, token: int, stops: set[int] | frozenset[int]) -> None:
-        """This row's next token: streamed, or the end (stop token, token limit, requester gone)."""
-        if self.finished:
-            return
-        if self.job.cancelled.is_set():
-            self.finished = True  # nobody is listening
-        elif token in stops:
-            self.finish()
-        else:
-            self.streamer.put(token)
-            self.generated += 1
-            if self.generated >= self.max_new_tokens:
-                self.finish()
-
-
 class _BatchStreamer(BaseStreamer):
     """Splits each step's tokens by row: every request streams its own text and ends at its
     own stop token or token limit, while the others in the batch go on."""
 
-    def __init__(self, rows: list[_Row], stop_token_ids: list[int]) -> None:
+    def __init__(self, rows: list[Row], stop_token_ids: list[int]) -> None:
         self._rows = rows
         self._stops = set(stop_token_ids)
         self._prompt_seen = False
@@ -139,17 +75,12 @@ class _BatchStreamer(BaseStreamer):
             row.finish()
 
 
-def padding_id(tokenizer: Any) -> int:
-    """Phi-3's pad is its eos, `<|endoftext|>`; fall back to eos for tokenizers without one."""
-    return tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-
-
 def default_num_crops(image_count: int) -> int:
     """The model cards' advice: 16 crops for a single image, 4 for multi-image prompts."""
     return 16 if image_count <= 1 else 4
 
 
-class LocalEngine:
+class LocalEngine(ContinuousServing):
     """Runs a Phi-3-vision model in this process (see the module docstring)."""
 
     def __init__(
@@ -160,12 +91,12 @@ class LocalEngine:
     ) -> None:
         self.settings = settings
         self._loader = loader
-        self._waiting: collections.deque[_Job] = collections.deque()
+        self._waiting: collections.deque[Job] = collections.deque()
         self._lock = threading.Condition()
         self._thread: threading.Thread | None = None
         self._closing = threading.Event()
         self._loaded: LoadedModel | None = None
-        self._running: _Job | None = None
+        self._running: Job | None = None
         self._fast: FastPathGenerator | None = None
         # The fast path's continuous batching (inference/continuous.py), when it is on.
         self._slots: SlotDecoder | None = None
@@ -222,7 +153,7 @@ class LocalEngine:
             build_prompt(request.conversation)  # a malformed conversation fails here, at once
         except PromptError as error:
             raise EngineError(str(error)) from error
-        job = _Job(request, asyncio.get_running_loop())
+        job = Job(request, asyncio.get_running_loop())
         with self._lock:
             self._waiting.append(job)
             self._lock.notify()
@@ -230,7 +161,7 @@ class LocalEngine:
         try:
             while True:
                 item = await job.pieces.get()
-                if item is _DONE:
+                if item is DONE:
                     return
                 if isinstance(item, EngineError):
                     raise item
@@ -247,7 +178,7 @@ class LocalEngine:
             if withdrawn:
                 self._announce_positions()
 
-    def _announce_positions(self, started: _Job | None = None) -> None:
+    def _announce_positions(self, started: Job | None = None) -> None:
         """Tell every waiting requester its place in line (runs on the event loop).
 
         Place 1 means "next, behind the one running". With nothing running, the first in line
@@ -271,7 +202,7 @@ class LocalEngine:
 
     # --- worker thread -------------------------------------------------------------------
 
-    def _next_job(self) -> _Job | None:
+    def _next_job(self) -> Job | None:
         with self._lock:
             while not self._waiting and not self._closing.is_set():
                 self._lock.wait()
@@ -282,7 +213,7 @@ class LocalEngine:
         self._tell_started(job)
         return job
 
-    def _tell_started(self, job: _Job) -> None:
+    def _tell_started(self, job: Job) -> None:
         try:
             job.loop.call_soon_threadsafe(self._announce_positions, job)
         except RuntimeError:
@@ -313,68 +244,7 @@ class LocalEngine:
             # Whatever happens to this thread, nobody is left waiting for an answer.
             self._fail_waiting(EngineClosed("the model worker stopped"))
 
-    def _fast_path(self, loaded: LoadedModel) -> FastPathGenerator | None:
-        """The native-Phi-3 generator when FAST_PATH asks for it and the model fits; anything
-        that does not fit falls back to the plain path with one log line, never a crash."""
-        wanted = self.settings.fast_path
-        if wanted == "off" or (wanted == "auto" and loaded.device.type != "cuda"):
-            return None
-        on_cuda = loaded.device.type == "cuda"
-        compile_decode = self.settings.compile == "on" or (self.settings.compile == "auto" and on_cuda)
-        try:
-            fast = FastPathGenerator(loaded.model, compile=compile_decode and on_cuda)
-        except FastPathUnavailable as reason:
-            log.warning("fast path off, using the plain path: %s", reason)
-            return None
-        decoding = "eager"
-        if compile_decode:
-            cache = use_compile_cache(self.settings.compile_cache_dir)
-            decoding = f"{'CUDA graphs' if on_cuda else 'compiled'}, compile cache {cache}"
-        log.info("fast path on: native Phi-3, %s, continuous batching", decoding)
-        self._slots = SlotDecoder(fast, pad_id=padding_id(loaded.tokenizer), compile=compile_decode)
-        return fast
-
-    def _warm_up(self) -> None:
-        """Run the fast path's common shapes before taking questions (see warm_up.py). If
-        compiling fails, decode eagerly; if the fast path itself fails, use the plain path:
-        one log line each, never a crash."""
-        decoder = self._slots
-        assert decoder is not None and self._loaded is not None
-        started = time.perf_counter()
-        try:
-            settings = self.settings
-            prompts = []
-            for conversation in warm_up_conversations(with_picture=decoder.compile):
-                encoded = self._fit_context(GenerationRequest(conversation), settings.max_new_tokens)
-                prompts.append(self._on_device(encoded))
-
-            def shape_for(need: int) -> tuple[int, int]:
-                return decoder.shape_for(need, settings.max_batch_size, settings.max_batch_tokens)
-
-            try:
-                shapes = warm_up(decoder, prompts, shape_for, settings.max_new_tokens)
-            except Exception as error:
-                if not decoder.compile:
-                    raise
-                log.warning("compiling the decode step failed, decoding without it: %s", error)
-                decoder.release()
-                decoder.compile = False
-                _release_gpu_memory()
-                shapes = warm_up(decoder, prompts, shape_for, settings.max_new_tokens)
-        except Exception as error:
-            log.warning("fast path off after its warm-up failed, using the plain path: %s", error)
-            decoder.release()
-            _release_gpu_memory()
-            self._slots = self._fast = None
-            return
-        self.warm_up_seconds = time.perf_counter() - started
-        log.info(
-            "warmed up in %.1f s (KV cache shapes, slots x tokens: %s)",
-            self.warm_up_seconds,
-            ", ".join(f"{slots} x {length}" for slots, length in shapes),
-        )
-
-    def _take_batch(self) -> list[_Job] | None:
+    def _take_batch(self) -> list[Job] | None:
         """The next request, and those waiting behind it that can share its `generate` call.
 
         Rows must sample alike (one temperature) and fit MAX_BATCH_TOKENS together, counted
@@ -411,193 +281,6 @@ class LocalEngine:
             self._tell_started(job)
         return batch
 
-    # --- continuous batching (the fast path) ---------------------------------------------
-
-    def _serve_continuous(self, decoder: SlotDecoder) -> None:
-        """The worker's loop on the fast path: requests join the running batch between decode
-        steps and leave it when done (see inference/continuous.py)."""
-        loaded = self._loaded
-        assert loaded is not None
-        stops = frozenset(loaded.stop_token_ids)
-        active: dict[int, _Row] = {}  # slot -> its request
-        feed: dict[int, int] = {}  # slot -> the token it decodes next
-        temperatures: dict[int, float] = {}
-        try:
-            while self._admit(decoder, active, feed, temperatures):
-                for slot, row in list(active.items()):
-                    if row.job.cancelled.is_set() or row.finished:
-                        row.finished = True
-                        self._leave(decoder, active, slot)
-                if not active:
-                    continue
-                slots = sorted(active)
-                try:
-                    logits = decoder.step({slot: feed[slot] for slot in slots})
-                    tokens = choose_tokens(
-                        logits[slots],
-                        [temperatures[slot] for slot in slots],
-                        decoder.native.generation_config,
-                    )
-                except Exception as error:
-                    log.exception("a decode step failed")
-                    decoder.release()
-                    _release_gpu_memory()
-                    for slot in slots:
-                        active[slot].finish(error)
-                        self._leave(decoder, active, slot)
-                    continue
-                for slot, token in zip(slots, tokens, strict=True):
-                    row = active[slot]
-                    row.accept(token, stops)
-                    feed[slot] = token
-                    if row.finished:
-                        self._leave(decoder, active, slot)  # its slot is free for the next step
-        except BaseException:
-            log.critical("the model worker stopped", exc_info=True)
-            for row in active.values():
-                row.finish(EngineClosed("the model worker stopped"))
-            raise
-        for row in active.values():  # shutting down: what was said so far is the answer
-            row.finish()
-
-    def _leave(self, decoder: SlotDecoder, active: dict[int, _Row], slot: int) -> None:
-        del active[slot]
-        decoder.free(slot)
-        if not active:
-            with self._lock:
-                self._running = None
-
-    def _admit(
-        self,
-        decoder: SlotDecoder,
-        active: dict[int, _Row],
-        feed: dict[int, int],
-        temperatures: dict[int, float],
-    ) -> bool:
-        """Give free slots to waiting requests, prefilling those that join together as one
-        batch; False when closing. With nothing running this waits for a request."""
-        while not self._closing.is_set():
-            if active and len(active) >= decoder.slots:
-                return True
-            group = self._take_joiners(decoder, active)
-            if group is None:
-                return False
-            if not group:
-                if active:
-                    return True
-                continue  # none of them could start (cancelled, bad prompt): wait again
-            self._join(decoder, group, active, feed, temperatures)
-        return False
-
-    def _take_joiners(self, decoder: SlotDecoder, active: dict[int, _Row]) -> list[_Job] | None:
-        """Waiting requests for the free slots, to prefill together; None when closing.
-
-        With nothing running, the first one sets the cache's shape (and waits a moment for
-        company, as ``_take_batch`` does). A request that does not fit a slot (prompt + answer
-        longer than the cache's rows), or would push the joiners' padded prompts past
-        MAX_BATCH_TOKENS, waits first in line: for the next step, or for the batch to drain
-        (then the cache is re-made for it).
-        """
-        group: list[_Job] = []
-        longest = 0
-        while len(active) + len(group) < (decoder.slots if active or group else 1):
-            with self._lock:
-                if not active and not group:
-                    while not self._waiting and not self._closing.is_set():
-                        self._lock.wait()
-                elif len(group) == 1 and not active and not self._waiting:
-                    self._lock.wait_for(lambda: self._waiting or self._closing.is_set(), BATCH_GATHER_SECONDS)
-                if self._closing.is_set():
-                    self._waiting.extendleft(reversed(group))
-                    return None
-                if not self._waiting:
-                    break
-                job = self._waiting.popleft()
-                if not active and not group:
-                    self._running = job
-            if job.cancelled.is_set() or not self._prepare(job):
-                self._no_longer_running(active, group)
-                continue
-            prompt_length = job.encoded["input_ids"].shape[1]  # type: ignore[index]
-            need = prompt_length + self._max_new_tokens(job)
-            if not active and not group:
-                try:
-                    decoder.ensure(
-                        *decoder.shape_for(need, self.settings.max_batch_size, self.settings.max_batch_tokens)
-                    )
-                except Exception as error:
-                    log.exception("making the KV cache failed")
-                    decoder.release()
-                    _release_gpu_memory()
-                    job.send(error)
-                    self._no_longer_running(active, group)
-                    continue
-            elif need > decoder.length or (len(group) + 1) * max(longest, prompt_length) > (
-                self.settings.max_batch_tokens
-            ):
-                with self._lock:
-                    self._waiting.appendleft(job)  # first in line, for a later step or batch
-                break
-            group.append(job)
-            longest = max(longest, prompt_length)
-        return group
-
-    def _no_longer_running(self, active: dict[int, _Row], group: list[_Job]) -> None:
-        if not active and not group:
-            with self._lock:
-                self._running = None
-
-    def _join(
-        self,
-        decoder: SlotDecoder,
-        group: list[_Job],
-        active: dict[int, _Row],
-        feed: dict[int, int],
-        temperatures: dict[int, float],
-    ) -> None:
-        """Prefill the joiners together into free slots; each one's first token is streamed
-        at once."""
-        loaded = self._loaded
-        assert loaded is not None
-        joining = len(active)
-        free = [slot for slot in range(decoder.slots) if slot not in active][: len(group)]
-        rows: list[_Row] = []
-        prompts: list[tuple[int, dict[str, torch.Tensor]]] = []
-        for job, slot in zip(group, free, strict=True):
-            self._tell_started(job)
-            rows.append(_Row(job, self._max_new_tokens(job), TextPieces(loaded.tokenizer, job.send)))
-            prompts.append((slot, self._on_device(job.encoded)))  # type: ignore[arg-type]
-        row_temperatures = [self._temperature(job) for job in group]
-        try:
-            logits = decoder.prefill_many(prompts)
-            tokens = choose_tokens(logits, row_temperatures, decoder.native.generation_config)
-        except Exception as error:
-            log.exception("a prefill failed")
-            for slot in free:
-                decoder.free(slot)
-            _release_gpu_memory()
-            for row in rows:
-                row.finish(error)
-            self._no_longer_running(active, [])
-            return
-        if joining:
-            self.joined_running += len(group)
-            log.info(
-                "%d request(s) joined a running batch (%d answer(s) decoding)",
-                len(group),
-                joining + len(group),
-            )
-        stops = frozenset(loaded.stop_token_ids)
-        for row, slot, token, temperature in zip(rows, free, tokens, row_temperatures, strict=True):
-            row.accept(token, stops)
-            if row.finished:
-                decoder.free(slot)
-                continue
-            active[slot] = row
-            feed[slot] = token
-            temperatures[slot] = temperature
-        self._no_longer_running(active, [])
-
     def _on_device(self, encoded: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         loaded = self._loaded
         assert loaded is not None
@@ -606,7 +289,7 @@ class LocalEngine:
             inputs["pixel_values"] = inputs["pixel_values"].to(loaded.dtype)
         return inputs
 
-    def _prepare(self, job: _Job) -> bool:
+    def _prepare(self, job: Job) -> bool:
         """Encode the request (once); on failure tell its requester and leave it out."""
         if job.encoded is not None:
             return True
@@ -621,10 +304,10 @@ class LocalEngine:
             return False
         return True
 
-    def _max_new_tokens(self, job: _Job) -> int:
+    def _max_new_tokens(self, job: Job) -> int:
         return job.request.max_new_tokens or self.settings.max_new_tokens
 
-    def _temperature(self, job: _Job) -> float:
+    def _temperature(self, job: Job) -> float:
         temperature = job.request.temperature
         return self.settings.temperature if temperature is None else temperature
 
@@ -693,11 +376,11 @@ class LocalEngine:
             )
         return batch
 
-    def _generate(self, batch: list[_Job]) -> None:
+    def _generate(self, batch: list[Job]) -> None:
         loaded = self._loaded
         assert loaded is not None
         tokenizer = loaded.tokenizer
-        rows = [_Row(job, self._max_new_tokens(job), TextPieces(tokenizer, job.send)) for job in batch]
+        rows = [Row(job, self._max_new_tokens(job), TextPieces(tokenizer, job.send)) for job in batch]
         inputs = self._on_device(self._collate([job.encoded for job in batch]))  # type: ignore[misc]
         temperature = self._temperature(batch[0])
         sampling: dict[str, Any] = (
@@ -724,7 +407,7 @@ class LocalEngine:
             log.exception("generation failed")
             if self._fast is not None:
                 self._fast.release()
-            _release_gpu_memory()
+            release_gpu_memory()
             for row in rows:
                 row.finish(error)
         except BaseException:
@@ -743,9 +426,3 @@ def _settle(future: asyncio.Future[None], error: BaseException | None) -> None:
         future.set_result(None)
     else:
         future.set_exception(error)
-
-
-def _release_gpu_memory() -> None:
-    """After a failure (often out-of-memory) give the cached blocks back for the next request."""
-    if torch.cuda.is_available():
-        torch.cuda.empty_cache()

@@ -105,7 +105,7 @@ async def test_a_request_joins_a_running_batch(tiny_dir: Path, caplog: pytest.Lo
         _ask(request.conversation, 20, on_queue_position=heard.append)
         for request, heard in zip(others, positions, strict=True)
     ]
-    caplog.set_level("INFO", logger="inference.local_engine")
+    caplog.set_level("INFO", logger="inference")
     async with _engine(_settings(tiny_dir)) as fast:
         stream = fast.stream(long)
         pieces = [await anext(stream)]  # the long one is decoding

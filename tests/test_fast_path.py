@@ -32,11 +32,11 @@ from inference.fast_path import (
     cache_length,
     prompt_embeddings,
 )
+from inference.jobs import Row
 from inference.local_engine import (
     MODEL_INPUTS,
     LocalEngine,
     _BatchStreamer,
-    _Row,
     _StopRows,
     default_num_crops,
 )
@@ -202,12 +202,12 @@ def test_sampling_same_tokens_with_the_same_seed(tiny: SimpleNamespace) -> None:
     assert _fast(tiny, inputs, 32, **sampling) == plain
 
 
-def _rows(tiny: SimpleNamespace, limits: list[int]) -> tuple[list[_Row], list[list[str]]]:
+def _rows(tiny: SimpleNamespace, limits: list[int]) -> tuple[list[Row], list[list[str]]]:
     texts: list[list[str]] = [[] for _ in limits]
     rows = []
     for limit, pieces in zip(limits, texts, strict=True):
         job = SimpleNamespace(cancelled=threading.Event(), send=pieces.append)
-        rows.append(_Row(job, limit, TextPieces(tiny.tokenizer, job.send)))  # type: ignore[arg-type]
+        rows.append(Row(job, limit, TextPieces(tiny.tokenizer, job.send)))  # type: ignore[arg-type]
     return rows, texts
 
 

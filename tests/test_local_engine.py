@@ -306,7 +306,7 @@ async def test_batched_greedy_answers_equal_the_answers_alone(
     try:
         blocker = engine.stream(ask("slow story", max_new_tokens=6))
         await anext(blocker)  # the worker is busy: the next five wait together
-        caplog.set_level(logging.INFO, logger="inference.local_engine")
+        caplog.set_level(logging.INFO, logger="inference")
         together = asyncio.gather(*(collect(engine, request) for request in batch_requests()))
         await collect_rest(blocker)
         batched = ["".join(pieces) for pieces in await together]
@@ -326,7 +326,7 @@ async def test_one_request_of_a_batch_can_be_cancelled_alone(
     try:
         blocker = engine.stream(ask("slow story", max_new_tokens=6))
         await anext(blocker)
-        caplog.set_level(logging.INFO, logger="inference.local_engine")
+        caplog.set_level(logging.INFO, logger="inference")
         tasks = [asyncio.create_task(collect(engine, request)) for request in batch_requests()]
         leaving = engine.stream(ask("slow story", max_new_tokens=300))
         first_piece = asyncio.create_task(anext(leaving))  # joins the line behind the five

@@ -32,7 +32,7 @@ async def test_compiled_decoding_warms_up_at_start_and_answers_as_the_plain_path
 ) -> None:
     requests = _requests([24, 16, 20, 12, 18, 22])
     expected = await _plain_alone(tiny_dir, requests)
-    caplog.set_level("INFO", logger="inference.local_engine")
+    caplog.set_level("INFO", logger="inference")
     settings = _settings(tiny_dir, compile="on", compile_cache_dir=str(compile_cache))
     async with _engine(settings) as fast:  # returns once warmed up
         assert "warmed up in" in caplog.text
