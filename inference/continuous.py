@@ -124,11 +124,19 @@ class SlotDecoder:
     """Slots of a static KV cache over a native Phi-3; see the module docstring.
 
     ``fast``: a ``fast_path.FastPathGenerator`` (its native model, remote model, device,
-    dtype and compile choice are used). ``pad_id``: what free slots feed.
+    dtype and compile choice are used). ``pad_id``: what free slots feed. ``max_rows`` and
+    ``max_tokens`` (MAX_BATCH_SIZE, MAX_BATCH_TOKENS) size the cache.
     """
 
     def __init__(
-        self, fast: Any, *, pad_id: int, bucket: int = DEFAULT_BUCKET, compile: bool | None = None
+        self,
+        fast: Any,
+        *,
+        pad_id: int,
+        max_rows: int,
+        max_tokens: int,
+        bucket: int = DEFAULT_BUCKET,
+        compile: bool | None = None,
     ) -> None:
         self.native = fast.native
         self.remote_model = fast.remote_model
@@ -137,6 +145,8 @@ class SlotDecoder:
         # Compile the decode step: CUDA graphs on CUDA; inductor alone on the CPU (COMPILE=on).
         self.compile = bool(fast.compile if compile is None else compile)
         self.pad_id = int(pad_id)
+        self.max_rows = max(1, int(max_rows))
+        self.max_tokens = int(max_tokens)
         self.bucket = max(1, int(bucket))
         self.cache: SlotCache | None = None
         self.slots = 0
@@ -146,13 +156,13 @@ class SlotDecoder:
 
     # --- the cache ------------------------------------------------------------------------
 
-    def shape_for(self, need: int, max_rows: int, max_tokens: int) -> tuple[int, int]:
+    def shape_for(self, need: int) -> tuple[int, int]:
         """(slots, length) for a first request needing ``need`` positions (see the docstring)."""
         # Compiled, every slot gets its share of MAX_BATCH_TOKENS, so shapes (graphs) repeat and
         # joiners fit; eager, attention over empty positions only costs time.
-        floor = (max_tokens // max(1, max_rows)) // self.bucket * self.bucket if self.compile else 0
+        floor = (self.max_tokens // self.max_rows) // self.bucket * self.bucket if self.compile else 0
         length = max(cache_length(need, 0, self.bucket), floor, self.bucket)
-        slots = max(1, min(max_rows, max_tokens // length))
+        slots = max(1, min(self.max_rows, self.max_tokens // length))
         return slots, length
 
     def ensure(self, slots: int, length: int) -> None:
@@ -183,10 +193,6 @@ class SlotDecoder:
         self._positions = torch.zeros(0, dtype=torch.long)
 
     # --- prefill and decode ---------------------------------------------------------------
-
-    def prefill(self, slot: int, inputs: Mapping[str, torch.Tensor]) -> torch.Tensor:
-        """Run one prompt, put its K/V in ``slot``; returns its last logits (vocab,)."""
-        return self.prefill_many([(slot, inputs)])[0]
 
     def prefill_many(self, prompts: Sequence[tuple[int, Mapping[str, torch.Tensor]]]) -> torch.Tensor:
         """Run prompts that join together as one batch and put each one's K/V in its slot;

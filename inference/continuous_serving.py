@@ -37,26 +37,32 @@ log = logging.getLogger(__name__)
 class ContinuousServing:
     """Mixed into ``LocalEngine``: see the module docstring."""
 
-    def _fast_path(self: LocalEngine, loaded: LoadedModel) -> FastPathGenerator | None:
-        """The native-Phi-3 generator when FAST_PATH asks for it and the model fits; anything
-        that does not fit falls back to the plain path with one log line, never a crash."""
+    def _start_fast_path(self: LocalEngine, loaded: LoadedModel) -> None:
+        """The slots over a native Phi-3 (``self._slots``) when FAST_PATH asks for them and the
+        model fits; anything that does not fit falls back to the plain path with one log
+        line, never a crash."""
         wanted = self.settings.fast_path
         if wanted == "off" or (wanted == "auto" and loaded.device.type != "cuda"):
-            return None
+            return
         on_cuda = loaded.device.type == "cuda"
         compile_decode = self.settings.compile == "on" or (self.settings.compile == "auto" and on_cuda)
         try:
             fast = FastPathGenerator(loaded.model, compile=compile_decode and on_cuda)
         except FastPathUnavailable as reason:
             log.warning("fast path off, using the plain path: %s", reason)
-            return None
+            return
         decoding = "eager"
         if compile_decode:
             cache = use_compile_cache(self.settings.compile_cache_dir)
             decoding = f"{'CUDA graphs' if on_cuda else 'compiled'}, compile cache {cache}"
         log.info("fast path on: native Phi-3, %s, continuous batching", decoding)
-        self._slots = SlotDecoder(fast, pad_id=padding_id(loaded.tokenizer), compile=compile_decode)
-        return fast
+        self._slots = SlotDecoder(
+            fast,
+            pad_id=padding_id(loaded.tokenizer),
+            max_rows=self.settings.max_batch_size,
+            max_tokens=self.settings.max_batch_tokens,
+            compile=compile_decode,
+        )
 
     def _warm_up(self: LocalEngine) -> None:
         """Run the fast path's common shapes before taking questions (see warm_up.py). If
@@ -72,11 +78,8 @@ class ContinuousServing:
                 encoded = self._fit_context(GenerationRequest(conversation), settings.max_new_tokens)
                 prompts.append(self._on_device(encoded))
 
-            def shape_for(need: int) -> tuple[int, int]:
-                return decoder.shape_for(need, settings.max_batch_size, settings.max_batch_tokens)
-
             try:
-                shapes = warm_up(decoder, prompts, shape_for, settings.max_new_tokens)
+                shapes = warm_up(decoder, prompts, settings.max_new_tokens)
             except Exception as error:
                 if not decoder.compile:
                     raise
@@ -84,12 +87,12 @@ class ContinuousServing:
                 decoder.release()
                 decoder.compile = False
                 release_gpu_memory()
-                shapes = warm_up(decoder, prompts, shape_for, settings.max_new_tokens)
+                shapes = warm_up(decoder, prompts, settings.max_new_tokens)
         except Exception as error:
             log.warning("fast path off after its warm-up failed, using the plain path: %s", error)
             decoder.release()
             release_gpu_memory()
-            self._slots = self._fast = None
+            self._slots = None
             return
         self.warm_up_seconds = time.perf_counter() - started
         log.info(
@@ -209,9 +212,7 @@ class ContinuousServing:
             need = prompt_length + self._max_new_tokens(job)
             if not active and not group:
                 try:
-                    decoder.ensure(
-                        *decoder.shape_for(need, self.settings.max_batch_size, self.settings.max_batch_tokens)
-                    )
+                    decoder.ensure(*decoder.shape_for(need))
                 except Exception as error:
                     log.exception("making the KV cache failed")
                     decoder.release()

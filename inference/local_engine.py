@@ -27,7 +27,6 @@ from .continuous import SlotDecoder
 from .continuous_serving import ContinuousServing
 from .conversation import Conversation, PromptError, build_prompt, without_oldest_exchange
 from .engine import EngineClosed, EngineError, GenerationError, GenerationRequest, PromptTooLong
-from .fast_path import FastPathGenerator
 from .jobs import BATCH_GATHER_SECONDS, DONE, Job, Row, padding_id, release_gpu_memory
 from .loading import LoadedModel, load_model
 from .pieces import TextPieces
@@ -97,7 +96,6 @@ class LocalEngine(ContinuousServing):
         self._closing = threading.Event()
         self._loaded: LoadedModel | None = None
         self._running: Job | None = None
-        self._fast: FastPathGenerator | None = None
         # The fast path's continuous batching (inference/continuous.py), when it is on.
         self._slots: SlotDecoder | None = None
         # Requests that joined a batch already decoding (continuous batching; for tests/logs).
@@ -141,7 +139,7 @@ class LocalEngine(ContinuousServing):
         if thread is not None and thread.is_alive():
             await asyncio.to_thread(thread.join, 5)  # a token or two; a model still loading is abandoned
         self._fail_waiting(EngineClosed("the bot is shutting down"))
-        self._fast = None
+        self._slots = None  # the KV cache goes with it
         self._loaded = None
         if torch.cuda.is_available():
             torch.cuda.empty_cache()
@@ -222,7 +220,7 @@ class LocalEngine(ContinuousServing):
     def _run(self, loop: asyncio.AbstractEventLoop, ready: asyncio.Future[None]) -> None:
         try:
             self._loaded = self._loader(self.settings)
-            self._fast = self._fast_path(self._loaded)
+            self._start_fast_path(self._loaded)
             if self._slots is not None:
                 self._warm_up()
         except BaseException as error:
@@ -399,14 +397,9 @@ class LocalEngine(ContinuousServing):
         }
         try:
             with torch.inference_mode():
-                if self._fast is not None:
-                    self._fast.generate(inputs, **arguments)
-                else:
-                    loaded.model.generate(**inputs, **arguments)
+                loaded.model.generate(**inputs, **arguments)
         except Exception as error:
             log.exception("generation failed")
-            if self._fast is not None:
-                self._fast.release()
             release_gpu_memory()
             for row in rows:
                 row.finish(error)

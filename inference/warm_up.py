@@ -13,9 +13,7 @@ falls back to the plain path before taking questions) and sets up the KV cache.
 
 from __future__ import annotations
 
-import logging
 import os
-from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -23,8 +21,6 @@ from PIL import Image
 
 from .continuous import SlotDecoder
 from .conversation import Conversation
-
-log = logging.getLogger(__name__)
 
 WARM_UP_QUESTION = "Describe this picture."
 WARM_UP_PICTURE_SIZE = (1280, 720)
@@ -44,16 +40,13 @@ def warm_up_conversations(*, with_picture: bool) -> list[Conversation]:
 
 
 def warm_up(
-    decoder: SlotDecoder,
-    prompts: list[dict[str, torch.Tensor]],
-    shape_for: Callable[[int], tuple[int, int]],
-    max_new_tokens: int,
+    decoder: SlotDecoder, prompts: list[dict[str, torch.Tensor]], max_new_tokens: int
 ) -> list[tuple[int, int]]:
-    """Prefill each prompt into slot 0 and decode a few steps, once per distinct cache shape
-    (``shape_for(need)``); returns the shapes warmed. The slot is freed afterwards."""
+    """Prefill each prompt into slot 0 and decode a few steps, once per distinct cache shape;
+    returns the shapes warmed. The slot is freed afterwards."""
     shapes: list[tuple[int, int]] = []
     for inputs in prompts:
-        shape = shape_for(inputs["input_ids"].shape[1] + max_new_tokens)
+        shape = decoder.shape_for(inputs["input_ids"].shape[1] + max_new_tokens)
         if shape in shapes:
             continue
         decoder.ensure(*shape)

@@ -40,7 +40,6 @@ async def test_out_of_gpu_memory_gets_an_error_id_that_is_in_the_log(
     question = await fake.send_message(
         fake.alice, await new_channel(fake, "oom"), "too big for the gpu", mention_bot=True
     )
-    # (A "starting up" status may come first: the notice takes its place.)
     reply = await fake.wait_for_bot_message(
         int(question["id"]), lambda m: m["content"].startswith("⚠️"), timeout=30
     )
