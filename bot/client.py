@@ -17,15 +17,19 @@ from .access import is_allowed
 from .answering import answer, notice, unexpected_error_notice
 from .discord_api import use_gateway_of_api
 from .history import collect_images, question_text, thread_conversation
-from .images import ImageFetcher, ImageLimits, ImageProblem
+from .images import AttachmentLike, ImageFetcher, ImageLimits, ImageProblem
 from .limits import Refused, RequestGate
+from .media_urls import MediaHosts
+from .reading import PageByPage, RecordingSend, attach_text_file, headings_for, text_file_name
 from .replies import EditableMessage, SendMessage
 from .settings import BotSettings
+from .sources import wait_for_unfurl
 
 log = logging.getLogger(__name__)
 
 NO_QUESTION = "Mention me with a question, and attach the image(s) it is about."
 NOT_ALLOWED = "You can't use me here."
+NO_IMAGE = "I found no image in that message (attachments, embedded images, stickers or PDFs)."
 CUT_OFF = "The bot is restarting, so this answer was cut off. Please ask again in a minute."
 SHUTDOWN_GRACE_SECONDS = 5.0
 THREAD_NAME_LIMIT = 100
@@ -66,7 +70,9 @@ class SeeBot(discord.Client):
         self.shutting_down = False
         self._requests: set[asyncio.Task[object]] = set()
         self._stopping: asyncio.Task[None] | None = None
-        self.images = ImageFetcher(ImageLimits.from_settings(settings))
+        self.images = ImageFetcher(
+            ImageLimits.from_settings(settings), hosts=MediaHosts(settings.api_base_url)
+        )
 
     async def setup_hook(self) -> None:
         from .commands import register_commands
@@ -75,7 +81,10 @@ class SeeBot(discord.Client):
             await use_gateway_of_api(self)
         # The model loads on the engine's worker thread while the gateway connects.
         self._engine_task = asyncio.create_task(self._start_engine(), name="engine-start")
+        from .context_menus import register_context_menus
+
         register_commands(self.tree, self)
+        register_context_menus(self.tree, self)
         self.tree.on_error = self._on_command_error
         guild = discord.Object(self.settings.dev_guild_id) if self.settings.dev_guild_id else None
         if guild is not None:
@@ -157,6 +166,7 @@ class SeeBot(discord.Client):
             return
         try:
             with self.gate.admit(message.author.id), self._tracked():
+                await wait_for_unfurl(self, message)  # a pasted link's embed, at most 2 s
                 await handle(message, channel)  # type: ignore[arg-type]
         except Refused as refusal:
             log.info("refused a question from user %s: %s", message.author.id, refusal)
@@ -269,10 +279,11 @@ class SeeBot(discord.Client):
         requester: discord.abc.User,
         *,
         typing_in: discord.abc.Messageable | None = None,
-    ) -> None:
+        engine: Engine | None = None,
+    ) -> str | None:
         try:
-            await answer(
-                self.engine,
+            return await answer(
+                engine or self.engine,
                 conversation,
                 send,
                 edit_interval=self.settings.edit_interval_seconds,
@@ -292,12 +303,23 @@ class SeeBot(discord.Client):
                 log.critical("the model worker stopped; shutting down with exit code 1")
                 self.exit_code = 1
                 self._stopping = asyncio.create_task(self.shutdown())
+        return None
 
     # --- slash commands (called from commands.py) ---------------------------------------
 
     async def answer_interaction(
-        self, interaction: discord.Interaction, question: str, attachments: Sequence[discord.Attachment]
+        self,
+        interaction: discord.Interaction,
+        question: str,
+        attachments: Sequence[AttachmentLike],
+        *,
+        strict: bool = True,
+        read_text: bool = False,
+        notices: Sequence[str] = (),
     ) -> None:
+        """Answer a slash command or a context menu (``strict=False``: the images of a message,
+        where a non-image is skipped with a notice). ``read_text``: page by page, and the whole
+        text as a file when it takes more than one message."""
         if self.shutting_down:
             await interaction.response.send_message(notice(CUT_OFF), ephemeral=True)
             return
@@ -305,22 +327,46 @@ class SeeBot(discord.Client):
             log.info("refused /%s from user %s: not allowed here", interaction.command, interaction.user.id)
             await interaction.response.send_message(notice(NOT_ALLOWED), ephemeral=True)
             return
+        if not attachments:  # a message with nothing that can be an image: say so privately
+            text = "\n".join(notice(line) for line in [*notices, NO_IMAGE])
+            await interaction.response.send_message(text, ephemeral=True)
+            return
         try:
             with self.gate.admit(interaction.user.id), self._tracked():
                 await interaction.response.defer(thinking=True)
-                await self._answer_interaction(interaction, question, attachments)
+                await self._answer_interaction(
+                    interaction, question, attachments, strict=strict, read_text=read_text, notices=notices
+                )
         except Refused as refusal:
             log.info("refused /%s from user %s: %s", interaction.command, interaction.user.id, refusal)
             await interaction.response.send_message(notice(str(refusal)), ephemeral=True)
 
     async def _answer_interaction(
-        self, interaction: discord.Interaction, question: str, attachments: Sequence[discord.Attachment]
+        self,
+        interaction: discord.Interaction,
+        question: str,
+        attachments: Sequence[AttachmentLike],
+        *,
+        strict: bool,
+        read_text: bool,
+        notices: Sequence[str],
     ) -> None:
+        limits = self.images.limits
         try:
-            collected = await self.images.collect(attachments, strict=True)
+            collected = await self.images.collect(
+                attachments,
+                strict=strict,
+                max_images=max(limits.max_images, limits.max_pdf_pages) if read_text else None,
+            )
         except ImageProblem as problem:
             log.info("image problem from %s: %s", interaction.user.id, problem)
             await interaction.followup.send(notice(str(problem)))
+            return
+        collected.notices[:0] = notices
+        if not collected.pictures:  # only non-images after all: the "thinking…" goes, privately
+            await interaction.delete_original_response()
+            text = "\n".join(notice(line) for line in [*collected.notices, NO_IMAGE])
+            await interaction.followup.send(text, ephemeral=True)
             return
 
         expired = False
@@ -348,9 +394,21 @@ class SeeBot(discord.Client):
         images = collected.images
         if collected.notices:
             await send("\n".join(notice(text) for text in collected.notices))
-        await self._answer_or_say_cut_off(
-            Conversation((Turn("user", question, tuple(images)),)), send, interaction.user
+        if not read_text:
+            await self._answer_or_say_cut_off(
+                Conversation((Turn("user", question, tuple(images)),)), send, interaction.user
+            )
+            return
+        headings = headings_for(collected.pictures)
+        recording = RecordingSend(send)
+        text = await self._answer_or_say_cut_off(
+            Conversation.single(question, images),
+            recording,
+            interaction.user,
+            engine=PageByPage(self.engine, headings) if headings else None,
         )
+        if text:
+            await attach_text_file(recording.last, text, text_file_name(collected.pictures))
 
     async def _on_command_error(
         self, interaction: discord.Interaction, error: app_commands.AppCommandError

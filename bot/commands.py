@@ -29,10 +29,10 @@ def register_commands(tree: app_commands.CommandTree, bot: SeeBot) -> None:
         images = [a for a in (image, image2, image3) if a is not None]
         await bot.answer_interaction(interaction, question, images)
 
-    @tree.command(name="ocr", description="Read all the text in an image")
-    @app_commands.describe(image="The image to read")
+    @tree.command(name="ocr", description="Read all the text in an image or a PDF")
+    @app_commands.describe(image="The image or PDF to read")
     async def ocr(interaction: discord.Interaction, image: discord.Attachment) -> None:
-        await bot.answer_interaction(interaction, bot.settings.ocr_prompt, [image])
+        await bot.answer_interaction(interaction, bot.settings.ocr_prompt, [image], read_text=True)
 
     @tree.command(name="compare", description="Compare two images")
     @app_commands.describe(

@@ -2,15 +2,18 @@
 
 The rules, in the order a request meets them:
 
-1. **Which attachments are images.** An attachment is an image *candidate* when its
-   content type (which Discord sets by sniffing the upload) starts with ``image/`` or its
-   name ends in .png, .jpg, .jpeg, .webp, .gif or .bmp. Anything else (``notes.txt``, a
-   PDF, a zip) is skipped with a notice; a slash command's image option refuses it instead.
-   The name and type only nominate: the *bytes* decide. A candidate is opened with
-   Pillow's decoders for PNG, JPEG, WebP, GIF and BMP only, so a ``.png`` that is really a
-   PDF, or an HEIC, SVG or TIFF, is refused with a clear reply rather than guessed at.
-2. **How many.** At most ``max_images`` candidates per request, in order; the rest are
-   left out with a notice and never downloaded.
+1. **Which attachments are images.** The *bytes* decide: any attachment whose first bytes
+   are a PNG, JPEG, WebP, GIF or BMP is an image, whatever its name or content type (a
+   screenshot saved as ``upload.bin``), and one whose first bytes are a PDF is read as its
+   pages (``bot/pdf.py``). An attachment whose type or name says image or PDF is *declared*
+   one (its declared size is checked before downloading, and it counts towards the limit
+   before any download); any other attachment is sniffed: its download stops after the
+   first bytes unless they are an image or a PDF, and it is then skipped with a notice (a
+   slash command refuses it instead). A declared image whose bytes are neither, or an
+   HEIC, SVG or TIFF, is refused with a clear reply rather than guessed at. Embedded images
+   and stickers (``bot/sources.py``) come as sources of the same shape.
+2. **How many.** At most ``max_images`` images per request (a PDF's pages count one each),
+   in order; the rest are left out with a notice, declared ones never downloaded.
 3. **How big in bytes.** The size Discord declares is checked before downloading, and the
    download itself stops at ``max_bytes`` whatever was declared (the body is streamed in
    chunks, after any content decoding). A failed (HTTP error, connection error) or slow
@@ -38,13 +41,16 @@ import io
 import logging
 import math
 import re
-from collections.abc import Iterable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import PurePosixPath
 from typing import Any, Protocol
 
 import aiohttp
 from PIL import Image, ImageOps, UnidentifiedImageError
+
+from .media_urls import MediaHosts
+from .pdf import DEFAULT_MAX_PDF_PAGES, PdfProblem, is_pdf, pages_left_out, render_pdf
 
 log = logging.getLogger(__name__)
 
@@ -68,10 +74,15 @@ class ImageProblem(Exception):
     """An image the user sent cannot be used; the message (a plain sentence) is shown to them."""
 
 
-class AttachmentLike(Protocol):
-    """What is used of a :class:`discord.Attachment` (tests pass simple stand-ins)."""
+class NotMedia(ImageProblem):
+    """The first bytes are neither an image the bot reads nor a PDF."""
 
-    id: int
+
+class AttachmentLike(Protocol):
+    """What is used of a :class:`discord.Attachment` (tests pass simple stand-ins); embedded
+    images and stickers come as :class:`bot.sources.MediaSource`, which adds ``declared``."""
+
+    id: Any  # unique within a conversation
     filename: str
     size: int
     url: str
@@ -91,6 +102,8 @@ class ImageLimits:
     download_timeout_seconds: float = DEFAULT_DOWNLOAD_TIMEOUT_SECONDS
     # The most tiles the model is ever asked to use for one image (NUM_CROPS, or 16).
     max_crops: int = DEFAULT_MAX_CROPS
+    max_pdf_pages: int = DEFAULT_MAX_PDF_PAGES
+    max_pdf_bytes: int = DEFAULT_MAX_IMAGE_BYTES
 
     @classmethod
     def from_settings(cls, settings: Any) -> ImageLimits:
@@ -102,6 +115,8 @@ class ImageLimits:
             max_images=settings.max_images,
             download_timeout_seconds=settings.image_download_timeout_seconds,
             max_crops=max(DEFAULT_MAX_CROPS, num_crops or 0),
+            max_pdf_pages=getattr(settings, "max_pdf_pages", DEFAULT_MAX_PDF_PAGES),
+            max_pdf_bytes=getattr(settings, "max_pdf_bytes", DEFAULT_MAX_IMAGE_BYTES),
         )
 
 
@@ -116,24 +131,19 @@ def looks_like_image(attachment: AttachmentLike) -> bool:
     return PurePosixPath(attachment.filename).suffix.lower() in IMAGE_SUFFIXES
 
 
-def image_attachments(attachments: Iterable[AttachmentLike]) -> list[AttachmentLike]:
-    return [attachment for attachment in attachments if looks_like_image(attachment)]
+def looks_like_pdf(attachment: AttachmentLike) -> bool:
+    content_type = (attachment.content_type or "").split(";")[0].strip().lower()
+    return content_type == "application/pdf" or PurePosixPath(attachment.filename).suffix.lower() == ".pdf"
 
 
-def sort_attachments(
-    attachments: Iterable[AttachmentLike], *, strict: bool = False
-) -> tuple[list[AttachmentLike], list[str]]:
-    """The image candidates, and a notice for each other attachment (``strict``: refuse it)."""
-    candidates: list[AttachmentLike] = []
-    notices: list[str] = []
-    for attachment in attachments:
-        if looks_like_image(attachment):
-            candidates.append(attachment)
-        elif strict:
-            raise ImageProblem(not_an_image(attachment.filename))
-        else:
-            notices.append(skipped_not_an_image(attachment.filename))
-    return candidates, notices
+def declared_kind(source: AttachmentLike) -> str | None:
+    """``image`` or ``pdf`` as the source's type or name says (its bytes decide later), else None."""
+    declared = getattr(source, "declared", None)
+    if declared:
+        return str(declared)
+    if looks_like_image(source):
+        return "image"
+    return "pdf" if looks_like_pdf(source) else None
 
 
 def not_an_image(name: str) -> str:
@@ -164,9 +174,10 @@ def _bytes_text(size: int) -> str:
     return f"{_number(size / 1024)} KB"
 
 
-def too_many_bytes(name: str, max_bytes: int, size: int | None = None) -> str:
+def too_many_bytes(name: str, max_bytes: int, size: int | None = None, kind: str = "image") -> str:
     actual = f" ({_bytes_text(size)})" if size is not None else ""
-    return f"`{name}` is too large{actual}: the limit is {_bytes_text(max_bytes)} per image."
+    per = "PDF" if kind == "pdf" else "image"
+    return f"`{name}` is too large{actual}: the limit is {_bytes_text(max_bytes)} per {per}."
 
 
 def too_many_pixels(name: str, max_pixels: int, pixels: int | None = None) -> str:
@@ -183,6 +194,13 @@ _SIGNATURES = (
     (b"GIF89a", "GIF"),
     (b"BM", "BMP"),
 )
+
+
+def sniff_kind(data: bytes) -> str | None:
+    """``image`` or ``pdf`` as the first bytes say, else None."""
+    if sniff_format(data) is not None:
+        return "image"
+    return "pdf" if is_pdf(data) else None
 
 
 def sniff_format(data: bytes) -> str | None:
@@ -282,6 +300,21 @@ def decode_image(
 
 # --- downloading ----------------------------------------------------------------------------
 
+_SNIFF_BYTES = 1024  # enough for every signature, and for a PDF header after some junk
+
+
+@dataclass(frozen=True)
+class Picture:
+    """One image the model sees, and where it came from (a PDF's page: ``page`` from 1)."""
+
+    image: Image.Image
+    name: str
+    page: int | None = None
+
+    @property
+    def label(self) -> str:
+        return self.name if self.page is None else f"{self.name} page {self.page}"
+
 
 @dataclass
 class CollectedImages:
@@ -291,19 +324,30 @@ class CollectedImages:
     one message, each line ``notice(text)`` (``⚠️ `` in front), in the place of the answer.
     """
 
-    images: list[Image.Image] = field(default_factory=list)
+    pictures: list[Picture] = field(default_factory=list)
     notices: list[str] = field(default_factory=list)
+
+    @property
+    def images(self) -> list[Image.Image]:
+        return [picture.image for picture in self.pictures]
 
 
 class ImageFetcher:
-    """Downloads and decodes the images of one bot within its :class:`ImageLimits`.
+    """Downloads and decodes the images (and renders the PDFs) of one bot within its limits.
 
     One per bot: it owns an ``aiohttp`` session (created on first use, without the bot's
     token: the CDN needs none) unless one is passed in. Call :meth:`close` on shutdown.
+    With ``hosts``, a URL on any other host is never requested (see ``bot/media_urls.py``).
     """
 
-    def __init__(self, limits: ImageLimits | None = None, session: aiohttp.ClientSession | None = None):
+    def __init__(
+        self,
+        limits: ImageLimits | None = None,
+        session: aiohttp.ClientSession | None = None,
+        hosts: MediaHosts | None = None,
+    ):
         self.limits = limits or ImageLimits()
+        self.hosts = hosts
         self._session = session
         self._owns_session = session is None
         self._decodes = asyncio.Semaphore(DECODES_AT_ONCE)
@@ -329,27 +373,47 @@ class ImageFetcher:
         return self._session
 
     async def collect(
-        self, attachments: Sequence[AttachmentLike], *, strict: bool = False
+        self, sources: Sequence[AttachmentLike], *, strict: bool = False, max_images: int | None = None
     ) -> CollectedImages:
-        """The images among ``attachments`` (see the module's rules), or :class:`ImageProblem`.
+        """The images of ``sources`` in order (see the module's rules), or :class:`ImageProblem`.
 
         ``strict`` (slash commands, whose options are all meant to be images): a non-image
-        refuses the request instead of being skipped with a notice.
+        refuses the request instead of being skipped with a notice. ``max_images``: another
+        limit than the fetcher's (reading page by page, one image per answer).
         """
-        candidates, notices = sort_attachments(attachments, strict=strict)
-        if len(candidates) > self.limits.max_images:
-            left_out = candidates[self.limits.max_images :]
-            candidates = candidates[: self.limits.max_images]
-            notices.append(too_many_images(self.limits.max_images, [a.filename for a in left_out]))
-        return CollectedImages(await self.fetch_all(candidates), notices)
+        limit = max_images or self.limits.max_images
+        chosen: list[AttachmentLike] = []
+        not_downloaded: list[str] = []
+        declared = 0
+        for source in sources:
+            if declared_kind(source) is not None:
+                if declared >= limit:
+                    not_downloaded.append(source.filename)
+                    continue
+                declared += 1
+            chosen.append(source)
+        results = await self._fetch_together([self._fetch_or_skip(source, strict) for source in chosen])
+        collected = CollectedImages()
+        for result in results:
+            collected.pictures += result.pictures
+            collected.notices += result.notices
+        left_out = [picture.label for picture in collected.pictures[limit:]] + not_downloaded
+        del collected.pictures[limit:]
+        if left_out:
+            collected.notices.append(too_many_images(limit, left_out))
+        return collected
 
-    async def fetch_all(self, attachments: Sequence[AttachmentLike]) -> list[Image.Image]:
-        """Each attachment as an image, in order, fetched together.
+    async def fetch_all(self, sources: Sequence[AttachmentLike]) -> list[Image.Image]:
+        """Each source's images, in order, fetched together (a non-image is a problem).
 
         The first problem stops the others (no waiting for a slow download to time out
         before the reply); when several failed at once, the first in order is raised.
         """
-        tasks = [asyncio.ensure_future(self.fetch(attachment)) for attachment in attachments]
+        results = await self._fetch_together([self.fetch(source) for source in sources])
+        return [picture.image for result in results for picture in result.pictures]
+
+    async def _fetch_together(self, fetches: Sequence[Any]) -> list[CollectedImages]:
+        tasks = [asyncio.ensure_future(fetch) for fetch in fetches]
         if not tasks:
             return []
         try:
@@ -363,42 +427,90 @@ class ImageFetcher:
             raise failures[0]  # type: ignore[misc]
         return [task.result() for task in tasks]
 
-    async def fetch(self, attachment: AttachmentLike) -> Image.Image:
-        """One attachment downloaded within the limits and decoded off the event loop."""
-        data = await self.download(attachment)
-        async with self._decodes:
-            return await asyncio.to_thread(
-                decode_image,
-                data,
-                attachment.filename,
-                max_pixels=self.limits.max_pixels,
-                max_crops=self.limits.max_crops,
-            )
+    async def _fetch_or_skip(self, source: AttachmentLike, strict: bool) -> CollectedImages:
+        try:
+            return await self.fetch(source)
+        except NotMedia:
+            if strict or declared_kind(source) is not None:
+                raise
+            return CollectedImages(notices=[skipped_not_an_image(source.filename)])
 
-    async def download(self, attachment: AttachmentLike) -> bytes:
-        """The attachment's bytes, at most ``max_bytes`` of them whatever Discord declared."""
-        name, max_bytes = attachment.filename, self.limits.max_bytes
-        if attachment.size is not None and attachment.size > max_bytes:
-            raise ImageProblem(too_many_bytes(name, max_bytes, attachment.size))
+    async def fetch(self, source: AttachmentLike) -> CollectedImages:
+        """One source downloaded within the limits and decoded (or rendered) off the event loop:
+        one picture for an image, the first pages for a PDF (with a notice if some are left out)."""
+        data, kind = await self.download(source)
+        name = source.filename
+        async with self._decodes:
+            if kind == "image":
+                image = await asyncio.to_thread(
+                    decode_image,
+                    data,
+                    name,
+                    max_pixels=self.limits.max_pixels,
+                    max_crops=self.limits.max_crops,
+                )
+                return CollectedImages([Picture(image, name)])
+            try:
+                rendered = await asyncio.to_thread(
+                    render_pdf,
+                    data,
+                    name,
+                    max_pages=self.limits.max_pdf_pages,
+                    max_pixels=self.limits.max_pixels,
+                    max_long_side=TILE * self.limits.max_crops,
+                    max_short_side=TILE * math.isqrt(self.limits.max_crops),
+                )
+            except PdfProblem as problem:
+                raise ImageProblem(str(problem)) from problem
+        pictures = [Picture(page, name, number) for number, page in enumerate(rendered.pages, 1)]
+        notices = []
+        if rendered.total_pages > len(pictures):
+            notices.append(pages_left_out(name, len(pictures), rendered.total_pages))
+        return CollectedImages(pictures, notices)
+
+    def _byte_limit(self, kind: str | None) -> int:
+        if kind == "image":
+            return self.limits.max_bytes
+        if kind == "pdf":
+            return self.limits.max_pdf_bytes
+        return max(self.limits.max_bytes, self.limits.max_pdf_bytes)
+
+    async def download(self, source: AttachmentLike) -> tuple[bytes, str]:
+        """The source's bytes and what they are (``image`` or ``pdf``), within the byte limit
+        of that kind whatever was declared; :class:`NotMedia` after the first bytes otherwise."""
+        name, declared = source.filename, declared_kind(source)
+        if declared is not None and source.size is not None and source.size > self._byte_limit(declared):
+            raise ImageProblem(too_many_bytes(name, self._byte_limit(declared), source.size, declared))
+        if self.hosts is not None and not self.hosts.allows(source.url):
+            log.warning("not downloading %s: %s is not one of Discord's media hosts", name, source.url)
+            raise ImageProblem(f"I only download files from Discord's own servers, so I skipped `{name}`.")
         timeout = aiohttp.ClientTimeout(total=self.limits.download_timeout_seconds)
         try:
-            async with self._http().get(attachment.url, timeout=timeout) as response:
+            async with self._http().get(source.url, timeout=timeout) as response:
                 if response.status != 200:
                     log.warning("download of %s failed: HTTP %d", name, response.status)
                     raise ImageProblem(
                         f"I could not download `{name}` (HTTP {response.status}). Try sending it again."
                     )
-                if response.content_length is not None and response.content_length > max_bytes:
-                    raise ImageProblem(too_many_bytes(name, max_bytes, response.content_length))
+                limit = self._byte_limit(declared)
+                if response.content_length is not None and response.content_length > limit:
+                    size = response.content_length
+                    raise ImageProblem(too_many_bytes(name, limit, size, declared or "image"))
                 body = bytearray()
+                kind: str | None = None
                 async for chunk in response.content.iter_chunked(_CHUNK):
                     body += chunk
-                    if len(body) > max_bytes:
-                        log.warning(
-                            "download of %s passed %d bytes (declared %s)", name, max_bytes, attachment.size
-                        )
-                        raise ImageProblem(too_many_bytes(name, max_bytes))
-                return bytes(body)
+                    if kind is None and len(body) >= _SNIFF_BYTES:
+                        kind = self._kind_of(body, name, declared)
+                        limit = self._byte_limit(kind)
+                    if len(body) > limit:
+                        log.warning("download of %s passed %d bytes (declared %s)", name, limit, source.size)
+                        raise ImageProblem(too_many_bytes(name, limit, kind=kind or declared or "image"))
+                if kind is None:
+                    kind = self._kind_of(body, name, declared)
+                    if len(body) > self._byte_limit(kind):
+                        raise ImageProblem(too_many_bytes(name, self._byte_limit(kind), len(body), kind))
+                return bytes(body), kind
         except (asyncio.TimeoutError, TimeoutError) as error:
             log.warning("download of %s timed out", name)
             raise ImageProblem(
@@ -408,3 +520,11 @@ class ImageFetcher:
         except (aiohttp.ClientError, ValueError) as error:
             log.warning("download of %s failed: %r", name, error)
             raise ImageProblem(f"I could not download `{name}`. Try sending it again.") from error
+
+    @staticmethod
+    def _kind_of(data: bytearray, name: str, declared: str | None) -> str:
+        kind = sniff_kind(bytes(data[:_SNIFF_BYTES]))
+        if kind is None:
+            log.info("%s is neither an image nor a PDF (declared %s)", name, declared)
+            raise NotMedia(not_an_image(name))
+        return kind

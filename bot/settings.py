@@ -79,6 +79,9 @@ class BotSettings:
     max_image_pixels: int = 40_000_000
     max_images: int = 4
     image_download_timeout_seconds: float = 30.0
+    # PDFs (bot/pdf.py): pages read per PDF (each one image), bytes per PDF.
+    max_pdf_pages: int = 4
+    max_pdf_bytes: int = 20 * 1024 * 1024
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> BotSettings:
@@ -115,4 +118,6 @@ class BotSettings:
             image_download_timeout_seconds=env_float(
                 env, "IMAGE_DOWNLOAD_TIMEOUT_SECONDS", 30.0, minimum=0.1
             ),
+            max_pdf_pages=env_int(env, "MAX_PDF_PAGES", 4, minimum=1) or 4,
+            max_pdf_bytes=env_int(env, "MAX_PDF_BYTES", 20 * 1024 * 1024, minimum=1) or 20 * 1024 * 1024,
         )
