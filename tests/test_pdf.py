@@ -55,7 +55,9 @@ def test_media_hosts_are_discords_and_the_configured_apis() -> None:
     assert not hosts.allows("https://example.com/a.png")
     assert not hosts.allows("http://cdn.discordapp.com/a.png")  # not https
     assert not hosts.allows("https://cdn.discordapp.com.evil.example/a.png")
-    assert hosts.built("https://media.discordapp.net/stickers/5.gif") == "http://127.0.0.1:8080/stickers/5.gif"
+    assert (
+        hosts.built("https://media.discordapp.net/stickers/5.gif") == "http://127.0.0.1:8080/stickers/5.gif"
+    )
     assert MediaHosts().built("https://cdn.discordapp.com/stickers/5.png") == (
         "https://cdn.discordapp.com/stickers/5.png"
     )
