@@ -115,8 +115,8 @@ class ImageLimits:
             max_images=settings.max_images,
             download_timeout_seconds=settings.image_download_timeout_seconds,
             max_crops=max(DEFAULT_MAX_CROPS, num_crops or 0),
-            max_pdf_pages=getattr(settings, "max_pdf_pages", DEFAULT_MAX_PDF_PAGES),
-            max_pdf_bytes=getattr(settings, "max_pdf_bytes", DEFAULT_MAX_IMAGE_BYTES),
+            max_pdf_pages=settings.max_pdf_pages,
+            max_pdf_bytes=settings.max_pdf_bytes,
         )
 
 
@@ -337,7 +337,7 @@ class ImageFetcher:
 
     One per bot: it owns an ``aiohttp`` session (created on first use, without the bot's
     token: the CDN needs none) unless one is passed in. Call :meth:`close` on shutdown.
-    With ``hosts``, a URL on any other host is never requested (see ``bot/media_urls.py``).
+    With ``hosts``, an embed's image on any other host is never requested (``bot/media_urls.py``).
     """
 
     def __init__(
@@ -481,7 +481,8 @@ class ImageFetcher:
         name, declared = source.filename, declared_kind(source)
         if declared is not None and source.size is not None and source.size > self._byte_limit(declared):
             raise ImageProblem(too_many_bytes(name, self._byte_limit(declared), source.size, declared))
-        if self.hosts is not None and not self.hosts.allows(source.url):
+        only_discord = getattr(source, "discord_hosts_only", False)
+        if only_discord and self.hosts is not None and not self.hosts.allows(source.url):
             log.warning("not downloading %s: %s is not one of Discord's media hosts", name, source.url)
             raise ImageProblem(f"I only download files from Discord's own servers, so I skipped `{name}`.")
         timeout = aiohttp.ClientTimeout(total=self.limits.download_timeout_seconds)

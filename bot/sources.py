@@ -14,7 +14,7 @@ import asyncio
 import contextlib
 import logging
 import re
-from collections.abc import Hashable, Sequence
+from collections.abc import Hashable
 from dataclasses import dataclass, field
 from pathlib import PurePosixPath
 
@@ -40,6 +40,8 @@ class MediaSource:
     size: int | None = None
     content_type: str | None = None
     declared: str | None = None  # "image" for embeds and stickers; attachments: their type or name
+    # A URL that came with a user's link (an embed): downloaded only from Discord's media hosts.
+    discord_hosts_only: bool = False
 
 
 @dataclass
@@ -99,6 +101,7 @@ def embed_media(message: discord.Message, hosts: MediaHosts) -> MessageMedia:
                 url=str(proxy_url),
                 content_type=getattr(picture, "content_type", None),
                 declared="image",
+                discord_hosts_only=True,
             )
         )
     return media
@@ -130,11 +133,6 @@ def message_media(message: discord.Message, hosts: MediaHosts) -> MessageMedia:
     return media
 
 
-def has_media(message: discord.Message) -> bool:
-    """Whether the message carries anything that may be an image (before looking closer)."""
-    return bool(message.attachments or message.embeds or message.stickers)
-
-
 def awaits_unfurl(message: discord.Message) -> bool:
     """A link in the text but no embed yet: Discord's unfurl may still be on its way."""
     return not message.embeds and _LINK.search(message.content or "") is not None
@@ -161,9 +159,3 @@ async def wait_for_unfurl(
         return
     log.info("no embed arrived within %g s for the link in message %s", timeout, message.id)
 
-
-def sources_of(messages: Sequence[discord.Message], hosts: MediaHosts) -> MessageMedia:
-    media = MessageMedia()
-    for message in messages:
-        media += message_media(message, hosts)
-    return media

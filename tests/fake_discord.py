@@ -557,7 +557,7 @@ class FakeDiscord:
         self._cdn_files: dict[int, tuple[bytes, str, str]] = {}  # attachment id -> data, type, filename
         self._cdn_overrides: dict[str, tuple[int, bytes | None, float]] = {}  # set_cdn_response
         self._media_files: dict[str, tuple[bytes, str]] = {}  # media host path -> data, type
-        self.http_requests: list[HttpRequest] = []  # every HTTP request, on every port
+        self.http_requests: collections.deque[HttpRequest] = collections.deque(maxlen=request_log_size)
         self._other_port: int | None = None
         self._interactions_by_token: dict[str, InteractionRecord] = {}
 
@@ -2605,7 +2605,8 @@ class FakeDiscord:
         (``/stickers/{id}.{ext}`` on the media host); returns the message's sticker item."""
         sticker_id = self._snowflake()
         extension = STICKER_EXTENSIONS[format_type]
-        self._serve(f"{self.base_url}/stickers/{sticker_id}.{extension}", data, "image/png")
+        content_type = {"png": "image/png", "gif": "image/gif"}.get(extension, "application/json")
+        self._serve(f"{self.base_url}/stickers/{sticker_id}.{extension}", data, content_type)
         return {"id": str(sticker_id), "name": name, "format_type": format_type}
 
     async def _media(self, request: web.Request) -> web.Response:

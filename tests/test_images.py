@@ -390,12 +390,16 @@ async def test_the_bytes_decide_whatever_the_name_and_type(cdn: Cdn) -> None:
 
 async def test_a_url_off_the_allowed_hosts_is_never_requested(cdn: Cdn) -> None:
     from bot.media_urls import MediaHosts
+    from bot.sources import MediaSource
 
     attachment = cdn.attachment("a.png", encode(chart(), "PNG"))
+    linked = MediaSource("e", "a.png", attachment.url, declared="image", discord_hosts_only=True)
     async with ImageFetcher(hosts=MediaHosts("http://127.0.0.1:1/api/v10")) as fetcher:
         with pytest.raises(ImageProblem, match="Discord's own servers"):
-            await fetcher.collect([attachment])
-    assert cdn.hits == []
+            await fetcher.collect([linked])
+        assert cdn.hits == []
+        collected = await fetcher.collect([attachment])  # Discord's own attachment URL: fetched
+    assert len(collected.images) == 1 and cdn.hits == ["a.png"]
 
 
 async def test_more_images_than_the_limit_uses_the_first_ones_and_says_so(cdn: Cdn) -> None:
