@@ -21,7 +21,7 @@ import discord
 from inference import Conversation, Engine, GenerationRequest
 
 from .images import Picture
-from .replies import MESSAGE_LIMIT, EditableMessage
+from .replies import MESSAGE_LIMIT, EditableMessage, SendMessage
 from .splitting import split_message
 
 log = logging.getLogger(__name__)
@@ -68,12 +68,12 @@ class PageByPage:
 class RecordingSend:
     """Passes messages to ``send`` and remembers the last one (where the file goes)."""
 
-    def __init__(self, send: object) -> None:
+    def __init__(self, send: SendMessage) -> None:
         self._send = send
         self.last: EditableMessage | None = None
 
     async def __call__(self, content: str, *, view: object = None) -> EditableMessage:
-        message = await self._send(content, view=view)  # type: ignore[operator]
+        message = await self._send(content, view=view)
         self.last = message
         return message
 

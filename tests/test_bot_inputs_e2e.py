@@ -215,6 +215,32 @@ async def test_a_link_unfurled_after_the_mention_is_seen(fake: FakeDiscord, bot:
     assert [m["content"] for m in answers] == ["I see 1 images."]
 
 
+async def test_a_link_that_never_unfurls_is_answered_after_a_short_wait(
+    fake: FakeDiscord, bot: RunningBot
+) -> None:
+    channel = await new_channel(fake, "no-unfurl")
+    question = await fake.send_message(
+        fake.alice, channel, "count images https://example.com/page", mention_bot=True
+    )
+    sent = asyncio.get_running_loop().time()
+    answers = await answer_in_thread(fake, question, "images.")
+    assert [m["content"] for m in answers] == ["I see 0 images."]
+    assert asyncio.get_running_loop().time() - sent >= 2  # it gave Discord's unfurl its 2 seconds
+
+
+async def test_a_reply_to_a_message_with_an_embed_sees_its_image(fake: FakeDiscord, bot: RunningBot) -> None:
+    channel = await new_channel(fake, "reply-embed")
+    url = "https://example.com/team.gif"
+    linked = await fake.send_message(
+        fake.bob, channel, url, embeds=[fake.proxied_image(url, png(team_photo("red", 1))[1])]
+    )
+    question = await fake.send_message(
+        fake.alice, channel, "count images", mention_bot=True, reply_to=int(linked["id"]), ping_reply=False
+    )
+    answers = await answer_in_thread(fake, question, "images.")
+    assert [m["content"] for m in answers] == ["I see 1 images."]
+
+
 async def test_an_embed_on_another_host_is_never_fetched(fake: FakeDiscord, bot: RunningBot) -> None:
     channel = await new_channel(fake, "elsewhere")
     url = fake.elsewhere("tracker.png", png(bar_chart())[1])
