@@ -50,7 +50,7 @@ async def referenced_message(message: discord.Message) -> discord.Message | None
         return None
 
 
-async def attachments_of(
+async def media_of(
     message: discord.Message, hosts: MediaHosts | None = None, *, with_reply: bool = True
 ) -> MessageMedia:
     """The message's attachments, embedded images and stickers (``bot/sources.py``), after
@@ -72,7 +72,7 @@ async def collect_images(
 
     Raises :class:`ImageProblem` when one of them cannot be used (see ``bot/images.py``).
     """
-    media = await attachments_of(message, fetcher.hosts, with_reply=with_reply)
+    media = await media_of(message, fetcher.hosts, with_reply=with_reply)
     collected = await fetcher.collect(media.sources)
     collected.notices[:0] = media.notices
     return collected
@@ -139,7 +139,7 @@ async def thread_conversation(
         else:
             role = "user"
             text = question_text(message, bot_user.id)
-            media = await attachments_of(message, fetcher.hosts, with_reply=True)
+            media = await media_of(message, fetcher.hosts, with_reply=True)
             attachments = [a for a in media.sources if a.id not in seen]
             seen.update(a.id for a in attachments)
             newest_notices = media.notices
