@@ -1,4 +1,4 @@
-"""Images from Discord attachments: which ones are images, downloading them safely, decoding.
+"""Images from Discord messages: which ones are images, downloading them safely, decoding.
 
 The rules, in the order a request meets them:
 
@@ -15,9 +15,10 @@ The rules, in the order a request meets them:
 2. **How many.** At most ``max_images`` images per request (a PDF's pages count one each),
    in order; the rest are left out with a notice, declared ones never downloaded.
 3. **How big in bytes.** The size Discord declares is checked before downloading, and the
-   download itself stops at ``max_bytes`` whatever was declared (the body is streamed in
-   chunks, after any content decoding). A failed (HTTP error, connection error) or slow
-   (``download_timeout_seconds``) download is refused with a clear reply.
+   download itself stops at ``max_bytes`` (``max_pdf_bytes`` for a PDF) whatever was
+   declared (the body is streamed in chunks, after any content decoding). A failed (HTTP
+   error, connection error) or slow (``download_timeout_seconds``) download is refused with
+   a clear reply.
 4. **How big in pixels.** The width and height are read from the header and checked
    against ``max_pixels`` before any pixel is decoded (decompression bombs: a few KB of PNG
    can claim 50000 x 50000 pixels). Pillow's own bomb limit is set to the same number as a
@@ -26,7 +27,8 @@ The rules, in the order a request meets them:
    heartbeats), two at a time per bot to bound memory: the first frame of an animation,
    EXIF orientation applied, 16-bit greyscale scaled to 8 bits, transparency laid over
    white, then RGB. Very large images are scaled down to what the model can use at most
-   (see :func:`model_size_cap`).
+   (see :func:`model_size_cap`). A PDF's first ``max_pdf_pages`` pages are rendered the
+   same way, in the same worker threads, at that size (``bot/pdf.py``).
 
 A candidate that fails 3-5 refuses the whole request (:class:`ImageProblem`): the question
 is about that image, and an answer without it would mislead. Texts of problems and notices
