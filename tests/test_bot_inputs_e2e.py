@@ -19,7 +19,7 @@ import pytest_asyncio
 
 from tests.bot_process import RunningBot, answer_in_thread, new_channel, png, start_bot, stop
 from tests.conftest import LONG_CODE_ANSWER
-from tests.fake_discord import FakeDiscord, InteractionRecord, allows_no_pings
+from tests.fake_discord import FakeDiscord, FakeDiscordTimeout, InteractionRecord, allows_no_pings
 from tests.pdfs import encrypted_pdf, pdf_of_pages
 from tests.synthetic_images import bar_chart, book_cover, team_photo
 
@@ -82,6 +82,21 @@ async def ephemeral_reply(fake: FakeDiscord, record: InteractionRecord) -> dict:
         return None
 
     return await fake.wait_for(found, 30, description="an ephemeral reply")
+
+
+async def submit(fake: FakeDiscord, shown: InteractionRecord, question: str) -> InteractionRecord:
+    """Submit the modal like a person: once it is on screen. discord.py starts listening for
+    the submit only after its callback returned, so a submit within a millisecond of the
+    callback can go unheard; then, as a person would, submit again."""
+    await fake.wait_for(lambda: shown.modal, 10, description="the modal")
+    for _ in range(5):
+        record = await fake.submit_modal(shown, {"question": question})
+        try:
+            await fake.wait_for(lambda record=record: record.responded, 2, description="the submit's ack")
+        except FakeDiscordTimeout:
+            continue
+        return record
+    raise AssertionError("the bot never answered the modal")
 
 
 # --- context menus ---------------------------------------------------------------------------
@@ -186,7 +201,7 @@ async def test_ask_about_this_opens_a_modal_whose_question_reaches_the_model(
     assert (field["min_length"], field["max_length"], field["style"]) == (1, 1000, 2)
     with pytest.raises(ValueError):
         await fake.submit_modal(shown, {"question": "x" * 1001})
-    submitted = await fake.submit_modal(shown, {"question": "what do you see"})
+    submitted = await submit(fake, shown, "what do you see")
     assert await menu_answer(fake, submitted, "what do you see") == [
         "I see 2 images. You asked: what do you see"
     ]
@@ -200,6 +215,44 @@ async def test_the_access_lists_apply_to_the_context_menus(fake: FakeDiscord, bo
         reply = await ephemeral_reply(fake, record)
         assert reply["content"] == "⚠️ You can't use me here."
         assert record.modal is None
+
+
+async def target_with(fake: FakeDiscord, channel: int, kind: str) -> dict:
+    """A message from bob holding one kind of input."""
+    if kind == "attachment":
+        return await fake.send_message(fake.bob, channel, "", attachments=[png(book_cover(), "upload.bin")])
+    if kind == "embed":
+        url = "https://example.com/cover.png"
+        return await fake.send_message(
+            fake.bob, channel, url, embeds=[fake.proxied_image(url, png(book_cover())[1])]
+        )
+    if kind == "sticker":
+        return await fake.send_message(
+            fake.bob, channel, stickers=[fake.add_sticker("Cover", png(book_cover())[1])]
+        )
+    if kind == "pdf":
+        return await fake.send_message(
+            fake.bob, channel, "", attachments=[("doc.pdf", pdf_of_pages(2), "application/pdf")]
+        )
+    return await fake.send_message(fake.bob, channel, "nothing to see here")
+
+
+@pytest.mark.parametrize("kind", ["attachment", "embed", "sticker", "pdf", "nothing"])
+async def test_every_menu_on_every_kind_of_input(fake: FakeDiscord, bot: RunningBot, kind: str) -> None:
+    channel = await new_channel(fake, f"matrix-{kind}")
+    target = int((await target_with(fake, channel, kind))["id"])
+    count = {"pdf": 2, "nothing": 0}.get(kind, 1)
+    for menu in MENUS:
+        record = await fake.invoke_message_command(fake.alice, channel, menu, target)
+        if menu == "Ask about this…" and kind != "nothing":
+            record = await submit(fake, record, "count images")
+        if kind == "nothing":
+            assert (await ephemeral_reply(fake, record))["content"] == NO_IMAGE, menu
+        elif menu == "Read text":
+            expected = f"### Page 1\n{OCR}\n\n### Page 2\n{OCR}" if kind == "pdf" else OCR
+            assert await menu_answer(fake, record, OCR, timeout=60) == [expected], kind
+        else:
+            assert await menu_answer(fake, record, "images.", timeout=60) == [f"I see {count} images."], menu
 
 
 # --- links, embeds, stickers, bytes ----------------------------------------------------------
