@@ -33,6 +33,7 @@ import datetime
 import io
 import json
 import logging
+import random
 import re
 import secrets
 import socket
@@ -511,6 +512,9 @@ class FakeDiscord:
         # What tests read.
         self.requests: collections.deque[RecordedRequest] = collections.deque(maxlen=request_log_size)
         self._failures: list[list[Any]] = []  # see fail_next
+        self._random_failures: tuple[float, tuple[int, ...], re.Pattern[str], float] | None = None
+        self._random = random.Random(0)  # see fail_at_random
+        self.injected_failures: list[tuple[str, int]] = []  # (path, status) of each random failure
         self.unknown_routes: list[str] = []
         self.heartbeat_times: list[float] = []
         self.gateway_connects: list[dict[str, str]] = []  # query of each websocket (v, encoding, compress)
@@ -1286,6 +1290,55 @@ class FakeDiscord:
             raise KeyError(f"no such message: {message_id}")
         await self._delete(self._messages[message_id])
 
+    # ------------------------------------------------------------------ deletions and random faults
+
+    async def delete_thread(self, thread_id: int) -> None:
+        """A moderator deletes a thread: its messages go with it, later calls to it get 404
+        Unknown Channel (10003), and THREAD_DELETE carries what Discord documents (id,
+        guild_id, parent_id, type). The message it was made from stays in the parent."""
+        thread = self._threads.pop(thread_id, None)
+        if thread is None:
+            raise KeyError(f"no such thread: {thread_id}")
+        for message_id in self._channel_messages.pop(thread_id, []):
+            self._messages.pop(message_id, None)  # no MESSAGE_DELETE for these, as on Discord
+        event: JSON = {
+            "id": thread["id"],
+            "guild_id": str(self.guild_id),
+            "parent_id": thread["parent_id"],
+            "type": thread["type"],
+        }
+        await self._dispatch_all("THREAD_DELETE", event, intent=INTENT_GUILDS)
+        self._changed()
+
+    def fail_at_random(
+        self,
+        probability: float,
+        *,
+        statuses: Sequence[int] = (429, 502),
+        path_pattern: str = r"^/(channels|webhooks|interactions)/",
+        retry_after: float = 0.2,
+        seed: int = 0,
+    ) -> None:
+        """From now on, answer each request whose path matches `path_pattern` with one of
+        `statuses` (429: a rate limit with `retry_after`; 5xx: an outage) with `probability`,
+        the request left undone; ``probability=0`` stops it. Seeded, so a run can be repeated."""
+        self._random_failures = (probability, tuple(statuses), re.compile(path_pattern), retry_after)
+        self._random = random.Random(seed)
+
+    def _raise_random_failure(self, path: str) -> None:
+        if self._random_failures is None:
+            return
+        probability, statuses, pattern, retry_after = self._random_failures
+        if probability <= 0 or not pattern.search(path) or self._random.random() >= probability:
+            return
+        status = self._random.choice(statuses)
+        self.injected_failures.append((path, status))
+        if status == 429:
+            raise ApiError(
+                429, 0, "You are being rate limited.", extra={"retry_after": retry_after, "global": False}
+            )
+        raise ApiError(status, 0, f"{status}: injected failure")
+
     def _check_can_post(self, user: JSON, channel_id: int) -> None:
         if channel_id in self._dms:
             recipients = {r["id"] for r in self._dms[channel_id]["recipients"]}
@@ -1838,6 +1891,7 @@ class FakeDiscord:
             await self._read_body(request, record)
             request[_RECORD] = record
             self._raise_injected_failure(request.method, path)
+            self._raise_random_failure(path)
             public = path.startswith(("/webhooks/", "/interactions/")) or path == "/gateway"
             if not public and request.headers.get("Authorization") != f"Bot {self.token}":
                 raise ApiError(401, 0, "401: Unauthorized")
