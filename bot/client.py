@@ -74,6 +74,7 @@ class SeeBot(discord.Client):
         self._stopping: asyncio.Task[None] | None = None
         self.images = ImageFetcher(ImageLimits.from_settings(settings))
         self.questions = Questions()
+        self._closed: asyncio.Future[None] | None = None
 
     async def setup_hook(self) -> None:
         from .commands import register_commands
@@ -128,11 +129,20 @@ class SeeBot(discord.Client):
         await self.close()
 
     async def close(self) -> None:
-        await super().close()
-        if self._engine_task is not None and not self._engine_task.done():
-            self._engine_task.cancel()
-        await self.engine.close()
-        await self.images.close()
+        """Close Discord, the image downloads' session and the engine, once: a second call
+        (a signal's shutdown and `async with` both close) waits for the first to finish."""
+        if self._closed is None:
+            self._closed = asyncio.ensure_future(self._close_everything())
+        await asyncio.shield(self._closed)
+
+    async def _close_everything(self) -> None:
+        try:
+            await super().close()
+        finally:
+            if self._engine_task is not None and not self._engine_task.done():
+                self._engine_task.cancel()
+            await self.images.close()
+            await self.engine.close()
 
     async def on_ready(self) -> None:
         assert self.user is not None

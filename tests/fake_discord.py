@@ -1890,7 +1890,7 @@ class FakeDiscord:
         try:
             await self._read_body(request, record)
             request[_RECORD] = record
-            self._raise_injected_failure(request.method, path)
+            self._raise_injected_failure(request.method, path, record.json)
             self._raise_random_failure(path)
             public = path.startswith(("/webhooks/", "/interactions/")) or path == "/gateway"
             if not public and request.headers.get("Authorization") != f"Bot {self.token}":
@@ -1917,19 +1917,26 @@ class FakeDiscord:
         count: int = 1,
         retry_after: float = 0.2,
         code: int = 0,
+        body_matches: Callable[[Any], bool] | None = None,
     ) -> None:
         """Answer the next `count` requests matching `method` and `path_pattern` (a regex over the
         path after /api/v10) with `status` and Discord error `code`: 429 is a rate limit with
-        `retry_after`, 5xx an outage, 401 with code 50027 an expired interaction token."""
-        self._failures.append([method.upper(), re.compile(path_pattern), status, count, retry_after, code])
+        `retry_after`, 5xx an outage, 401 with code 50027 an expired interaction token.
+        `body_matches`, given the request's JSON body (or None), narrows it to some requests,
+        e.g. the edit that carries the end of an answer."""
+        self._failures.append(
+            [method.upper(), re.compile(path_pattern), status, count, retry_after, code, body_matches]
+        )
 
     def stop_failing(self) -> None:
         """Forget the failures `fail_next` asked for that have not happened yet."""
         self._failures.clear()
 
-    def _raise_injected_failure(self, method: str, path: str) -> None:
+    def _raise_injected_failure(self, method: str, path: str, body: Any = None) -> None:
         for failure in self._failures:
-            wanted_method, pattern, status, count, retry_after, code = failure
+            wanted_method, pattern, status, count, retry_after, code, body_matches = failure
+            if body_matches is not None and not body_matches(body):
+                continue
             if count > 0 and method == wanted_method and pattern.search(path):
                 failure[3] -= 1
                 if status == 429:
