@@ -135,7 +135,7 @@ async def run(args: argparse.Namespace, sections: tuple[str, ...]) -> dict[str, 
     soak = SoakConfig(
         users=20,
         questions=60 if quick else 200,
-        think_seconds=(1.0, 4.0) if quick else (4.0, 12.0),
+        think_seconds=(1.0, 4.0) if quick else (10.0, 26.0),
         failure_rate=0.05,
     )
     results: dict[str, Any] = {

@@ -52,7 +52,9 @@ KINDS = {  # scenario -> weight
     "thread deleted": 8,
     "question deleted": 12,
 }
-TARGET_HEARTBEAT_GAP_S = 1.5
+# "On time": no beat missed, i.e. no gap of two intervals (the fake's own loop, on shared
+# cores, delays a beat's arrival by a few hundred ms now and then).
+TARGET_HEARTBEAT_GAP_S = 2 * HEARTBEAT_MS / 1000
 TARGET_GROWTH_MIB = 16.0
 INFORMATIONAL = ("⚠️ Discord did not take",)  # a notice before an answer, not its end
 
@@ -168,7 +170,7 @@ class Soak:
         result["passed"] = (
             not result["failures"]
             and not any(log_problems.values())
-            and gap["max"] <= TARGET_HEARTBEAT_GAP_S
+            and gap["max"] < TARGET_HEARTBEAT_GAP_S
             and (growth is None or growth <= TARGET_GROWTH_MIB)
         )
         return result
@@ -306,7 +308,7 @@ class Soak:
 
     def _check(self) -> dict[str, Any]:
         failures: list[str] = []
-        outcome_counts = {"answered": 0, "refused or told": 0, "withdrawn": 0}
+        outcome_counts = {"answered": 0, "refused or told": 0, "withdrawn": 0, "cancelled": 0}
         for scenario in self.scenarios:
             answers, notices, problems = self._outcomes(scenario)
             where = f"{scenario.kind} in channel {scenario.channel}"
@@ -327,6 +329,9 @@ class Soak:
                 )
             outcome_counts["answered"] += answered
             outcome_counts["refused or told"] += notices
+            outcome_counts["cancelled"] += sum(
+                1 for m in self._messages_of(scenario) if m["content"].startswith("⚠️ Cancelled by")
+            )
         return {"outcomes": outcome_counts, "failures": failures}
 
 
@@ -388,7 +393,10 @@ def soak_table(result: dict[str, Any]) -> str:
         ["scenarios", ", ".join(f"{k}: {v}" for k, v in sorted(result["scenarios"].items()))],
         ["Discord failures injected", f"{injected or 'none'} ({result['failure_rate']:.0%} of REST calls)"],
         ["answered exactly once", str(outcomes["answered"])],
-        ["refused or told (one notice)", str(outcomes["refused or told"])],
+        [
+            "refused or told (one notice)",
+            f"{outcomes['refused or told']} ({outcomes['cancelled']} cancelled)",
+        ],
         ["withdrawn (deleted / thread deleted)", str(outcomes["withdrawn"])],
         ["lost, doubled, merged or left waiting", str(len(result["failures"]))],
         [
@@ -399,7 +407,11 @@ def soak_table(result: dict[str, Any]) -> str:
             "unclosed sessions / object reprs in the log",
             f"{result['log_problems']['unclosed sessions']} / {result['log_problems']['object reprs']}",
         ],
-        ["heartbeat gap p99 / max", f"{gap['p99']:.2f} s / {gap['max']:.2f} s (every {HEARTBEAT_MS} ms)"],
+        [
+            "heartbeat gap p99 / max",
+            f"{gap['p99']:.2f} s / {gap['max']:.2f} s (every {HEARTBEAT_MS} ms; a miss: "
+            f">= {TARGET_HEARTBEAT_GAP_S:g} s)",
+        ],
         ["bot RSS halfway -> end", f"{rss['halfway'] or 0:.0f} -> {rss['end'] or 0:.0f} MiB ({growth})"],
         ["verdict", "passed" if result["passed"] else "FAILED"],
     ]

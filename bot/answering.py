@@ -116,7 +116,9 @@ async def answer(
     try:
         return await _answer(engine, conversation, reply, timeout, typing_in, engine_ready)
     except asyncio.CancelledError:
-        if question is not None and question.stop_notice is not None:
+        # In place of what is on screen (a status, the answer so far): with nothing shown,
+        # a question deleted before its answer began leaves no trace.
+        if question is not None and question.stop_notice is not None and reply.message_count:
             await reply.conclude(notice(question.stop_notice))
         raise
     finally:

@@ -28,6 +28,6 @@ async def test_a_short_soak_loses_nothing_and_answers_nothing_twice(
     assert result["failures"] == []
     assert sum(result["outcomes"].values()) >= 30
     assert sum(result["injected_failures"].values()) > 0  # Discord did fail
-    assert result["heartbeat_gap_s"]["max"] <= 1.5
+    assert result["heartbeat_gap_s"]["max"] < 2.0  # no heartbeat missed
     for problem in ("Traceback", "Ignoring exception", "Unclosed client session", " object at 0x"):
         assert problem not in bot.log, problem
