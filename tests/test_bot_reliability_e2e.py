@@ -225,18 +225,17 @@ async def test_a_question_deleted_while_it_waits_says_so_in_place_of_its_status(
 async def test_a_question_deleted_during_its_image_download_gets_no_answer(
     fake: FakeDiscord, bot: RunningBot
 ) -> None:
+    asker = await fake.add_user("erin")  # a fresh asker: alice's last answer may still be closing
     channel = await new_channel(fake, "vanished")
     fake.set_cdn_response("slow.png", delay=2.0)
     question = await fake.send_message(
-        fake.alice, channel, "Say hello", mention_bot=True, attachments=[png(book_cover(), "slow.png")]
+        asker, channel, "Say hello", mention_bot=True, attachments=[png(book_cover(), "slow.png")]
     )
     await fake.delete_message(int(question["id"]))
-    after = await fake.send_message(
-        fake.alice, await new_channel(fake, "next"), "Say hello", mention_bot=True
-    )
+    after = await fake.send_message(asker, await new_channel(fake, "next"), "Say hello", mention_bot=True)
     await answer_in_thread(fake, after, "How are you today?", timeout=30)
     await fake.wait_for(
-        lambda: f"question {question['id']} from user {fake.alice['id']}: stopped" in bot.log,
+        lambda: f"question {question['id']} from user {asker['id']}: stopped" in bot.log,
         timeout=10,
         description="the stop in the log",
     )
@@ -247,12 +246,11 @@ async def test_a_question_deleted_during_its_image_download_gets_no_answer(
 async def test_a_notice_for_a_message_deleted_at_once_reaches_no_error(
     fake: FakeDiscord, bot: RunningBot
 ) -> None:
+    asker = await fake.add_user("frank")  # a fresh asker: alice's last answer may still be closing
     channel = await new_channel(fake, "blink")
-    question = await fake.send_message(fake.alice, channel, "", mention_bot=True)
+    question = await fake.send_message(asker, channel, "", mention_bot=True)
     await fake.delete_message(int(question["id"]))
-    after = await fake.send_message(
-        fake.alice, await new_channel(fake, "then"), "Say hello", mention_bot=True
-    )
+    after = await fake.send_message(asker, await new_channel(fake, "then"), "Say hello", mention_bot=True)
     await answer_in_thread(fake, after, "How are you today?", timeout=30)
     assert [r for r in fake.requests_to("POST", MESSAGE_ROUTE) if r.status == 400] == []
     # Either the question was withdrawn before its notice, or the notice stands on its own.
