@@ -156,7 +156,7 @@ async def _answer(
             async with contextlib.aclosing(pieces):
                 text = await reply.stream(pieces)
     except GenerationTimeout:
-        log.warning("answer stopped after %s s", timeout)
+        log.warning("%s: the answer was stopped after %s s", reply.label, timeout)
         await reply.conclude(notice(f"I stopped this answer: it took longer than {timeout:g} seconds."))
         return None
     except GenerationError as error:  # the model failed, not the question: give an id to report
@@ -166,13 +166,13 @@ async def _answer(
         await reply.conclude(notice(MODEL_STOPPED))
         raise
     except EngineError as error:
-        log.warning("request failed: %s", error)
+        log.warning("%s: could not be answered: %s", reply.label, error)
         await reply.conclude(notice(f"Sorry, I could not answer: {error}"))
         return None
     except (*DISCORD_FAILURES, asyncio.CancelledError):
         raise
     except Exception as error:
-        await reply.conclude(unexpected_error_notice("request", error))
+        await reply.conclude(unexpected_error_notice(reply.label, error))
         return None
     finally:
         status.cancel()

@@ -70,6 +70,11 @@ class StreamingReply:
         self.text = ""
 
     @property
+    def label(self) -> str:
+        """Who and what the answer is for, in log lines ("question 42 from user 7")."""
+        return self._label
+
+    @property
     def message_count(self) -> int:
         return len(self._messages)
 
