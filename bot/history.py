@@ -125,11 +125,10 @@ async def thread_conversation(
     starter = await _starter_message(thread)
     if starter is not None:
         messages.append(starter)
-    async for message in thread.history(limit=HISTORY_LIMIT, oldest_first=True):
-        if up_to is not None and message.id > up_to:
-            break
-        if message.type in _CHAT_MESSAGE_TYPES:
-            messages.append(message)
+    # The newest HISTORY_LIMIT messages up to the question (newest first from Discord).
+    before = discord.Object(up_to + 1) if up_to is not None else None
+    recent = [message async for message in thread.history(limit=HISTORY_LIMIT, before=before)]
+    messages += [m for m in reversed(recent) if m.type in _CHAT_MESSAGE_TYPES]
     turns: list[_PendingTurn] = []
     seen: set[int] = set()
     newest_id: int | None = None  # the newest person's message: the new question
