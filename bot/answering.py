@@ -113,8 +113,18 @@ async def answer(
         mark=mark,
         channel_gone=(lambda: question.channel_gone) if question is not None else (lambda: False),
     )
+
+    def generated() -> None:
+        if question is not None:
+            question.generated = True
+
+    def stopped() -> bool:
+        return question is not None and question.stopped_because is not None
+
     try:
-        return await _answer(engine, conversation, reply, timeout, typing_in, engine_ready)
+        return await _answer(
+            engine, conversation, reply, timeout, typing_in, engine_ready, generated, stopped
+        )
     except asyncio.CancelledError:
         # In place of what is on screen (a status, the answer so far): with nothing shown,
         # a question deleted before its answer began leaves no trace.
@@ -134,6 +144,8 @@ async def _answer(
     timeout: float,
     typing_in: discord.abc.Messageable | None,
     engine_ready: asyncio.Event | None,
+    generated: Callable[[], None],
+    stopped: Callable[[], bool],
 ) -> str | None:
     places: asyncio.Queue[int] = asyncio.Queue()
     started = asyncio.Event()
@@ -152,7 +164,7 @@ async def _answer(
             if engine_ready is not None and not engine_ready.is_set():
                 await _show_status(reply, STARTING_UP)
                 await engine_ready.wait()
-            pieces = _until_deadline(engine.stream(request), timeout, started)
+            pieces = _until_deadline(engine.stream(request), timeout, started, generated, stopped)
             async with contextlib.aclosing(pieces):
                 text = await reply.stream(pieces)
     except GenerationTimeout:
@@ -219,9 +231,14 @@ async def _show_status(reply: StreamingReply, status: str) -> None:
 
 
 async def _until_deadline(
-    pieces: AsyncIterator[str], seconds: float, started: asyncio.Event
+    pieces: AsyncIterator[str],
+    seconds: float,
+    started: asyncio.Event,
+    at_end: Callable[[], None],
+    stopped: Callable[[], bool],
 ) -> AsyncIterator[str]:
-    """The pieces, stopped with `GenerationTimeout` once generating has taken `seconds`.
+    """The pieces, stopped with `GenerationTimeout` once generating has taken `seconds`;
+    `at_end` is called when the engine has given the last one.
 
     The clock starts when the engine starts this request (or at its first text, for engines
     that do not report it): time spent waiting in line does not count.
@@ -236,9 +253,12 @@ async def _until_deadline(
             try:
                 piece = await asyncio.wait_for(anext(pieces), remaining)
             except StopAsyncIteration:
+                at_end()
                 return
             except asyncio.TimeoutError:
                 raise GenerationTimeout from None
+            if stopped():  # wait_for drops a cancellation that lands as a piece arrives (3.10, 3.11)
+                raise asyncio.CancelledError
             if deadline is None:
                 deadline = loop.time() + seconds
             yield piece

@@ -42,14 +42,21 @@ class Question:
     stopped_because: str | None = None
     stop_notice: str | None = None
     channel_gone: bool = False  # its answer's channel was deleted: nothing more to write there
+    generated: bool = False  # the engine gave the whole answer; only writes to Discord are left
 
     @property
     def label(self) -> str:
         return f"question {self.id} from user {self.asker_id}"
 
-    def stop(self, because: str, notice: str | None = None) -> None:
-        """Cancel the question's task (its wait in line, its download, its generation), once."""
+    def stop(self, because: str, notice: str | None = None, *, even_when_generated: bool = False) -> None:
+        """Cancel the question's task (its wait in line, its download, its generation), once.
+        Once the whole answer is generated (only its last writes to Discord are left) there
+        is nothing to stop: the answer stays whole, unless `even_when_generated` (its
+        channel is gone)."""
         if self.stopped_because is not None or self.task.done():
+            return
+        if self.generated and not even_when_generated:
+            log.info("%s: not stopped (%s): the answer is complete", self.label, because)
             return
         self.stopped_because, self.stop_notice = because, notice
         log.info("%s: stopping, %s", self.label, because)
@@ -108,7 +115,10 @@ class Questions:
         for question in list(self._questions.values()):
             if question.channel_id == channel_id:
                 question.channel_gone = True
-                question.stop(f"the channel or thread {channel_id} it is answered in was deleted")
+                question.stop(
+                    f"the channel or thread {channel_id} it is answered in was deleted",
+                    even_when_generated=True,
+                )
 
     # --- the bot's own messages -----------------------------------------------------------
 
