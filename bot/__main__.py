@@ -37,6 +37,7 @@ async def run(settings: BotSettings) -> int:
         except discord.LoginFailure as error:
             log.error("Discord refused the token (%s): check DISCORD_TOKEN in .env", error)
             return 1
+    await asyncio.gather(*stopping)  # a signal's shutdown: let it finish closing everything
     log.info("stopped")
     return bot.exit_code
 

@@ -18,7 +18,7 @@ from pathlib import PurePosixPath
 
 import discord
 
-from inference import Conversation, Engine, GenerationRequest
+from inference import Conversation, EndReason, Engine, GenerationRequest
 
 from .images import Picture
 from .replies import MESSAGE_LIMIT, EditableMessage, SendMessage
@@ -57,12 +57,17 @@ class PageByPage:
 
     async def stream(self, request: GenerationRequest) -> AsyncIterator[str]:
         turn = request.conversation.turns[-1]
+        ends: list[EndReason] = []
         for index, (heading, image) in enumerate(zip(self._headings, turn.images, strict=True)):
             yield ("\n\n" if index else "") + f"### {heading}\n"
-            page = dataclasses.replace(request, conversation=Conversation.single(turn.text, [image]))
+            page = dataclasses.replace(
+                request, conversation=Conversation.single(turn.text, [image]), on_end=ends.append
+            )
             async with contextlib.aclosing(self._engine.stream(page)) as pieces:  # type: ignore[type-var]
                 async for piece in pieces:
                     yield piece
+        if request.on_end is not None and ends:  # one end for the whole reading: "length" if a page hit it
+            request.on_end("length" if "length" in ends else ends[-1])
 
 
 class RecordingSend:
