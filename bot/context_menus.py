@@ -10,26 +10,22 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Awaitable, Callable
-from typing import TYPE_CHECKING
 
 import discord
 from discord import app_commands
 
+from . import texts
 from .access import is_allowed
 from .answering import unexpected_error_notice
 from .media_urls import MediaHosts
+from .responder import Responder
 from .sources import message_media
-
-if TYPE_CHECKING:
-    from .client import SeeBot
 
 log = logging.getLogger(__name__)
 
 DESCRIBE = "Describe image"
 READ_TEXT = "Read text"
 ASK = "Ask about this…"
-MODAL_TITLE = "Ask about this message"
-QUESTION_LABEL = "Your question"
 QUESTION_MAX = 1000
 
 OnQuestion = Callable[[discord.Interaction, str], Awaitable[None]]
@@ -39,16 +35,16 @@ class QuestionModal(discord.ui.Modal):
     """One paragraph field for the question; submitting it answers like any question."""
 
     question: discord.ui.TextInput[QuestionModal] = discord.ui.TextInput(
-        label=QUESTION_LABEL,
+        label=texts.QUESTION_LABEL,
         custom_id="question",
         style=discord.TextStyle.paragraph,
-        placeholder="What do you want to know about the image(s)?",
+        placeholder=texts.QUESTION_PLACEHOLDER,
         min_length=1,
         max_length=QUESTION_MAX,
     )
 
     def __init__(self, on_question: OnQuestion) -> None:
-        super().__init__(title=MODAL_TITLE, timeout=15 * 60)
+        super().__init__(title=texts.MODAL_TITLE, timeout=15 * 60)
         self._on_question = on_question
 
     async def on_submit(self, interaction: discord.Interaction) -> None:
@@ -65,25 +61,25 @@ class QuestionModal(discord.ui.Modal):
             log.warning("could not report a failed question from user %s", interaction.user.id)
 
 
-def register_context_menus(tree: app_commands.CommandTree, bot: SeeBot) -> None:
+def register_context_menus(tree: app_commands.CommandTree, responder: Responder) -> None:
     async def answer(
         interaction: discord.Interaction, message: discord.Message, question: str, *, read_text: bool = False
     ) -> None:
-        media = message_media(message, bot.images.hosts or MediaHosts())
-        await bot.answer_interaction(
+        media = message_media(message, responder.images.hosts or MediaHosts())
+        await responder.respond_to_interaction(
             interaction, question, media.sources, strict=False, read_text=read_text, notices=media.notices
         )
 
     async def describe(interaction: discord.Interaction, message: discord.Message) -> None:
-        await answer(interaction, message, bot.settings.describe_prompt)
+        await answer(interaction, message, responder.settings.describe_prompt)
 
     async def read_text(interaction: discord.Interaction, message: discord.Message) -> None:
-        await answer(interaction, message, bot.settings.ocr_prompt, read_text=True)
+        await answer(interaction, message, responder.settings.ocr_prompt, read_text=True)
 
     async def ask(interaction: discord.Interaction, message: discord.Message) -> None:
-        media = message_media(message, bot.images.hosts or MediaHosts())
-        allowed = is_allowed(bot.settings, interaction.user, interaction.channel, interaction.guild)
-        if bot.shutting_down or not allowed or not media.sources:
+        media = message_media(message, responder.images.hosts or MediaHosts())
+        allowed = is_allowed(responder.settings, interaction.user, interaction.channel, interaction.guild)
+        if responder.shutting_down or not allowed or not media.sources:
             # The refusal the answer would give, now rather than after the question is typed.
             await answer(interaction, message, "")
             return

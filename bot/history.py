@@ -20,15 +20,10 @@ from inference import Conversation, Turn
 from .images import CollectedImages, ImageFetcher, ImageProblem, declared_kind, too_many_images
 from .media_urls import MediaHosts
 from .sources import MediaSource, MessageMedia, message_media
+from .texts import NOTICE_PREFIX, WAITING_PREFIX  # messages the bot left out of conversations
 
 log = logging.getLogger(__name__)
 
-# Bot messages that start with this are notices (errors, hints), not answers. Which of the
-# bot's messages are answers is known by their ids (see bot/questions.py); the prefixes only
-# sort messages written before the bot's current run.
-NOTICE_PREFIX = "⚠️"
-# A status line (the place in line) that an answer was meant to replace, e.g. if it was cancelled.
-WAITING_PREFIX = "⏳"
 HISTORY_LIMIT = 100
 _CHAT_MESSAGE_TYPES = (discord.MessageType.default, discord.MessageType.reply)
 

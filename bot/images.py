@@ -52,14 +52,25 @@ import aiohttp
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 from .media_urls import MediaHosts
-from .pdf import DEFAULT_MAX_PDF_PAGES, PdfProblem, is_pdf, pages_left_out, render_pdf
+from .pdf import DEFAULT_MAX_PDF_PAGES, PdfProblem, is_pdf, render_pdf
+from .texts import (
+    download_failed,
+    download_too_slow,
+    not_an_image,
+    not_on_discord,
+    pages_left_out,
+    skipped_not_an_image,
+    too_many_bytes,
+    too_many_images,
+    too_many_pixels,
+    unreadable_image,
+)
 
 log = logging.getLogger(__name__)
 
 IMAGE_SUFFIXES = frozenset({".png", ".jpg", ".jpeg", ".webp", ".gif", ".bmp"})
 # Pillow format names: Image.open(..., formats=...) tries these decoders and no others.
 DECODERS = ("PNG", "JPEG", "WEBP", "GIF", "BMP")
-KINDS = "PNG, JPEG, WebP, GIF or BMP"
 
 DEFAULT_MAX_IMAGE_BYTES = 20 * 1024 * 1024
 DEFAULT_MAX_IMAGE_PIXELS = 40_000_000
@@ -146,45 +157,6 @@ def declared_kind(source: AttachmentLike) -> str | None:
     if looks_like_image(source):
         return "image"
     return "pdf" if looks_like_pdf(source) else None
-
-
-def not_an_image(name: str) -> str:
-    return f"`{name}` is not an image ({KINDS})."
-
-
-def skipped_not_an_image(name: str) -> str:
-    return f"Skipped `{name}`: not an image."
-
-
-def too_many_images(max_images: int, left_out: Sequence[str], *, earlier: bool = False) -> str:
-    names = ", ".join(f"`{name}`" for name in left_out)
-    if earlier:
-        return (
-            f"I look at {max_images} images at a time, "
-            f"so this answer leaves out {names} from earlier in this thread."
-        )
-    return f"I look at {max_images} images at a time, so I left out {names}."
-
-
-def _number(value: float) -> str:
-    return f"{value:.0f}" if value >= 10 else f"{value:.1f}".removesuffix(".0")
-
-
-def _bytes_text(size: int) -> str:
-    if size >= 1024 * 1024:
-        return f"{_number(size / (1024 * 1024))} MB"
-    return f"{_number(size / 1024)} KB"
-
-
-def too_many_bytes(name: str, max_bytes: int, size: int | None = None, kind: str = "image") -> str:
-    actual = f" ({_bytes_text(size)})" if size is not None else ""
-    per = "PDF" if kind == "pdf" else "image"
-    return f"`{name}` is too large{actual}: the limit is {_bytes_text(max_bytes)} per {per}."
-
-
-def too_many_pixels(name: str, max_pixels: int, pixels: int | None = None) -> str:
-    actual = f" ({_number(pixels / 1_000_000)} megapixels)" if pixels is not None else ""
-    return f"`{name}` has too many pixels{actual}: the limit is {_number(max_pixels / 1_000_000)} megapixels."
 
 
 # --- decoding -------------------------------------------------------------------------------
@@ -274,11 +246,11 @@ def decode_image(
         log.info("cannot open %s: %s", name, reason)
         if sniff_format(data) is None:
             raise ImageProblem(not_an_image(name)) from error
-        raise ImageProblem(f"I could not read `{name}` as an image.") from error
+        raise ImageProblem(unreadable_image(name)) from error
     with opened:
         width, height = opened.size
         if width < 1 or height < 1:
-            raise ImageProblem(f"I could not read `{name}` as an image.")
+            raise ImageProblem(unreadable_image(name))
         if width * height > max_pixels:
             log.info("refused %s: %d x %d pixels", name, width, height)
             raise ImageProblem(too_many_pixels(name, max_pixels, width * height))
@@ -295,7 +267,7 @@ def decode_image(
             raise ImageProblem(too_many_pixels(name, max_pixels, width * height)) from error
         except (OSError, ValueError, SyntaxError, EOFError, IndexError) as error:
             log.info("cannot decode %s: %s", name, error)
-            raise ImageProblem(f"I could not read `{name}` as an image.") from error
+            raise ImageProblem(unreadable_image(name)) from error
     target = model_size_cap(image.width, image.height, max_crops)
     if target != image.size:
         image = image.resize(target, Image.Resampling.LANCZOS, reducing_gap=3.0)
@@ -488,15 +460,13 @@ class ImageFetcher:
         only_discord = getattr(source, "discord_hosts_only", False)
         if only_discord and self.hosts is not None and not self.hosts.allows(source.url):
             log.warning("not downloading %s: %s is not one of Discord's media hosts", name, source.url)
-            raise ImageProblem(f"I only download files from Discord's own servers, so I skipped `{name}`.")
+            raise ImageProblem(not_on_discord(name))
         timeout = aiohttp.ClientTimeout(total=self.limits.download_timeout_seconds)
         try:
             async with self._http().get(source.url, timeout=timeout) as response:
                 if response.status != 200:
                     log.warning("download of %s failed: HTTP %d", name, response.status)
-                    raise ImageProblem(
-                        f"I could not download `{name}` (HTTP {response.status}). Try sending it again."
-                    )
+                    raise ImageProblem(download_failed(name, response.status))
                 limit = self._byte_limit(declared)
                 if response.content_length is not None and response.content_length > limit:
                     size = response.content_length
@@ -518,13 +488,10 @@ class ImageFetcher:
                 return bytes(body), kind
         except (asyncio.TimeoutError, TimeoutError) as error:
             log.warning("download of %s timed out", name)
-            raise ImageProblem(
-                f"Downloading `{name}` took too long (over {self.limits.download_timeout_seconds:g} s). "
-                "Try again in a moment."
-            ) from error
+            raise ImageProblem(download_too_slow(name, self.limits.download_timeout_seconds)) from error
         except (aiohttp.ClientError, ValueError) as error:
             log.warning("download of %s failed: %r", name, error)
-            raise ImageProblem(f"I could not download `{name}`. Try sending it again.") from error
+            raise ImageProblem(download_failed(name)) from error
 
     @staticmethod
     def _kind_of(data: bytearray, name: str, declared: str | None) -> str:

@@ -10,9 +10,9 @@ from typing import Any
 import discord
 
 from .discord_calls import DISCORD_FAILURES, describe, with_retries
-from .history import NOTICE_PREFIX
 from .questions import Question
 from .replies import EditableMessage
+from .texts import ack_failed
 
 log = logging.getLogger(__name__)
 
@@ -48,10 +48,7 @@ class InteractionRoute:
                 describe(error),
             )
             self._in_channel = True
-            await self.tell(
-                f"{NOTICE_PREFIX} Discord did not take {self.interaction.user.mention}'s /{self.name} in "
-                "time, so I'm answering here."
-            )
+            await self.tell(ack_failed(self.interaction.user.mention, self.name))
 
     async def send(self, content: str, *, view: Any = None) -> EditableMessage:
         """One message of the answer (see `SendMessage`)."""

@@ -19,6 +19,8 @@ from dataclasses import dataclass
 import pypdfium2 as pdfium
 from PIL import Image
 
+from .texts import encrypted_pdf, no_pages, page_too_large, unreadable_pdf
+
 log = logging.getLogger(__name__)
 
 PDF_SIGNATURE = b"%PDF-"
@@ -40,30 +42,6 @@ def is_pdf(data: bytes) -> bool:
 class RenderedPdf:
     pages: list[Image.Image]
     total_pages: int
-
-
-def _megapixels(pixels: float) -> str:
-    value = pixels / 1_000_000
-    return f"{value:.0f}" if value >= 10 else f"{value:.1f}".removesuffix(".0")
-
-
-def encrypted_pdf(name: str) -> str:
-    return f"`{name}` is a password-protected PDF, which I can't open. Send it without the password."
-
-
-def unreadable_pdf(name: str) -> str:
-    return f"I could not read `{name}` as a PDF."
-
-
-def pages_left_out(name: str, read: int, total: int) -> str:
-    return f"`{name}` has {total} pages; I read the first {read}."
-
-
-def page_too_large(name: str, page: int, pixels: float, max_pixels: int) -> str:
-    return (
-        f"Page {page} of `{name}` is too large ({_megapixels(pixels)} megapixels at 72 dpi): "
-        f"the limit is {_megapixels(max_pixels)} megapixels."
-    )
 
 
 def render_scale(width: float, height: float, max_long_side: int, max_short_side: int) -> float:
@@ -93,7 +71,7 @@ def render_pdf(
         try:
             total = len(document)
             if total < 1:
-                raise PdfProblem(f"`{name}` has no pages.")
+                raise PdfProblem(no_pages(name))
             pages = [
                 _render_page(document, index, name, max_pixels, max_long_side, max_short_side)
                 for index in range(min(total, max_pages))

@@ -22,6 +22,7 @@ import discord
 import yarl
 
 from .media_urls import MediaHosts, host_of
+from .texts import foreign_embed, lottie_sticker
 
 log = logging.getLogger(__name__)
 
@@ -63,15 +64,6 @@ def from_attachment(attachment: discord.Attachment) -> MediaSource:
         size=attachment.size,
         content_type=attachment.content_type,
     )
-
-
-def foreign_embed(host: str) -> str:
-    where = f" from `{host}`" if host else ""
-    return f"Skipped an embedded image{where}: I only download images from Discord's own servers."
-
-
-def lottie_sticker(name: str) -> str:
-    return f"Skipped the sticker `{name}`: it is an animated Lottie sticker, which I can't read as an image."
 
 
 def _embed_name(url: str | None, index: int) -> str:
