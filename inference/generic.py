@@ -11,7 +11,7 @@ import functools
 import logging
 import re
 from collections.abc import Callable, Iterable, Sequence
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -127,7 +127,7 @@ def _load_model(source: str, settings: InferenceSettings, device: torch.device, 
 
     common: dict[str, Any] = {
         "revision": settings.model_revision,
-        "trust_remote_code": getattr(settings, "trust_remote_code", False),
+        "trust_remote_code": settings.trust_remote_code,
         "dtype": dtype,
         # Straight onto the GPU: no full copy of the weights in CPU memory first.
         "device_map": {"": device} if device.type == "cuda" else None,
@@ -160,7 +160,7 @@ def load_generic(settings: InferenceSettings, device: torch.device, dtype: torch
     from transformers import AutoProcessor
 
     source = settings.model_id
-    trust_remote_code = bool(getattr(settings, "trust_remote_code", False))
+    trust_remote_code = settings.trust_remote_code
     _check_architecture(source, _config_dict(source, settings.model_revision), trust_remote_code)
     log.info("loading %s on %s (%s) through the generic path", source, device, dtype)
     try:
@@ -179,8 +179,7 @@ def load_generic(settings: InferenceSettings, device: torch.device, dtype: torch
     stops = stop_token_ids(processor.tokenizer, model.generation_config)
     attention = model.config._attn_implementation
     log.info("model ready: %s, %s attention, stop tokens %s", type(model).__name__, attention, stops)
-    extra = {"kind": "generic"} if "kind" in {f.name for f in fields(LoadedModel)} else {}
-    return LoadedModel(model, processor, device, dtype, attention, stops, **extra)
+    return LoadedModel(model, processor, device, dtype, attention, stops, kind="generic")
 
 
 def context_length(model: Any) -> int | None:

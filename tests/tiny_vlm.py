@@ -3,7 +3,8 @@
 ``build_tiny_llava``: transformers' own LLaVA (a 2-layer CLIP tower, a 2-layer Llama) with a
 byte-level BPE trained here, a ChatML-style chat template and a CLIP image processor, saved
 with ``save_pretrained``: the layout of a user's checkpoint. ``build_tiny_llama``: a text-only
-causal LM. ``build_hub_code_config``: a config whose model exists only as hub code.
+causal LM. ``build_tiny_qwen2_vl``: Qwen2-VL, with its own image sizes and multimodal RoPE.
+``build_hub_code_llava``: the LLaVA as a model that exists only as hub code.
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ import random
 from pathlib import Path
 
 import torch
+from safetensors.torch import save_file
 from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import (
     CLIPImageProcessor,
@@ -23,29 +25,52 @@ from transformers import (
     LlavaForConditionalGeneration,
     LlavaProcessor,
     PreTrainedTokenizerFast,
+    Qwen2VLConfig,
+    Qwen2VLForConditionalGeneration,
+    Qwen2VLImageProcessor,
+    Qwen2VLProcessor,
+    Qwen2VLVideoProcessor,
 )
 
 SEED = 1234
+WEIGHTS = "model.safetensors"
 IMAGE_TOKEN = "<image>"
 END_OF_TURN = "<|im_end|>"
-SPECIAL_TOKENS = ("<unk>", "<s>", "</s>", "<pad>", "<|im_start|>", END_OF_TURN, IMAGE_TOKEN)
+VISION_START, VISION_END = "<|vision_start|>", "<|vision_end|>"  # Qwen2-VL's image brackets
+SPECIAL_TOKENS = (
+    "<unk>",
+    "<s>",
+    "</s>",
+    "<pad>",
+    "<|im_start|>",
+    END_OF_TURN,
+    IMAGE_TOKEN,
+    VISION_START,
+    VISION_END,
+)
 IMAGE_SIZE = 28
 PATCH_SIZE = 14
 # 2x2 patches, the CLS feature dropped ("default" strategy): 4 placeholders per image.
 TOKENS_PER_IMAGE = (IMAGE_SIZE // PATCH_SIZE) ** 2
 
-CHAT_TEMPLATE = (
-    "{% for message in messages %}"
-    "{{ '<|im_start|>' + message['role'] + '\n' }}"
-    "{% if message['content'] is string %}{{ message['content'] }}"
-    "{% else %}{% for item in message['content'] %}"
-    "{% if item['type'] == 'image' %}{{ '<image>' }}"
-    "{% elif item['type'] == 'text' %}{{ item['text'] }}{% endif %}"
-    "{% endfor %}{% endif %}"
-    "{{ '<|im_end|>' + '\n' }}"
-    "{% endfor %}"
-    "{% if add_generation_prompt %}{{ '<|im_start|>assistant' + '\n' }}{% endif %}"
-)
+
+def chat_template(image: str) -> str:
+    """A ChatML-style template over transformers' multimodal messages; `image` per image item."""
+    return (
+        "{% for message in messages %}"
+        "{{ '<|im_start|>' + message['role'] + '\\n' }}"
+        "{% if message['content'] is string %}{{ message['content'] }}"
+        "{% else %}{% for item in message['content'] %}"
+        f"{{% if item['type'] == 'image' %}}{{{{ '{image}' }}}}"
+        "{% elif item['type'] == 'text' %}{{ item['text'] }}{% endif %}"
+        "{% endfor %}{% endif %}"
+        "{{ '<|im_end|>' + '\\n' }}"
+        "{% endfor %}"
+        "{% if add_generation_prompt %}{{ '<|im_start|>assistant' + '\\n' }}{% endif %}"
+    )
+
+
+CHAT_TEMPLATE = chat_template(IMAGE_TOKEN)
 
 _WORDS = (
     "the a image picture cat dog red blue green shows what is in this there are two of and "
@@ -144,9 +169,76 @@ def build_tiny_llava(directory: Path, *, chat_template: str | None = CHAT_TEMPLA
         vision_feature_select_strategy="default",
     )
     model = LlavaForConditionalGeneration(config).eval()
-    with torch.no_grad():  # logit 0 for special tokens: greedy answers run to their token limit
-        model.lm_head.weight[[tokenizer.convert_tokens_to_ids(token) for token in SPECIAL_TOKENS]] = 0
+    _quiet_special_tokens(model, tokenizer)
     model.generation_config.eos_token_id = _end_ids(tokenizer)
+    model.generation_config.pad_token_id = tokenizer.pad_token_id
+    model.save_pretrained(directory)
+    processor.save_pretrained(directory)
+    return directory
+
+
+def _quiet_special_tokens(model: torch.nn.Module, tokenizer: PreTrainedTokenizerFast) -> None:
+    """Logit 0 for the special tokens: random greedy answers run to their token limit."""
+    with torch.no_grad():
+        model.lm_head.weight[[tokenizer.convert_tokens_to_ids(token) for token in SPECIAL_TOKENS]] = 0
+
+
+def build_tiny_qwen2_vl(directory: Path) -> Path:
+    """A random-weight Qwen2-VL (multimodal RoPE, images of their own size, at most 2x2
+    merged patches) with its processor, saved as a local checkpoint directory."""
+    torch.manual_seed(SEED)
+    template = chat_template(VISION_START + IMAGE_TOKEN + VISION_END)
+    tokenizer = build_tokenizer(template)
+    patch, merge = PATCH_SIZE, 2
+    processor = Qwen2VLProcessor(
+        image_processor=Qwen2VLImageProcessor(
+            min_pixels=(patch * merge) ** 2,
+            max_pixels=(2 * patch * merge) ** 2,
+            patch_size=patch,
+            merge_size=merge,
+        ),
+        tokenizer=tokenizer,
+        video_processor=Qwen2VLVideoProcessor(),
+        chat_template=template,
+    )
+    ids = {
+        "bos_token_id": tokenizer.bos_token_id,
+        "eos_token_id": tokenizer.eos_token_id,
+        "pad_token_id": tokenizer.pad_token_id,
+    }
+    text = {
+        "vocab_size": len(tokenizer),
+        "hidden_size": 32,
+        "intermediate_size": 64,
+        "num_hidden_layers": 2,
+        "num_attention_heads": 4,
+        "num_key_value_heads": 2,
+        "max_position_embeddings": 512,
+        "initializer_range": 0.3,
+        "rope_scaling": {"type": "mrope", "mrope_section": [1, 1, 2]},
+        **ids,
+    }
+    config = Qwen2VLConfig(
+        text_config=text,
+        vision_config={
+            "depth": 2,
+            "embed_dim": 32,
+            "hidden_size": 32,
+            "num_heads": 2,
+            "mlp_ratio": 2,
+            "patch_size": patch,
+            "spatial_merge_size": merge,
+        },
+        image_token_id=tokenizer.convert_tokens_to_ids(IMAGE_TOKEN),
+        video_token_id=tokenizer.unk_token_id,
+        vision_start_token_id=tokenizer.convert_tokens_to_ids(VISION_START),
+        vision_end_token_id=tokenizer.convert_tokens_to_ids(VISION_END),
+        **ids,
+    )
+    model = Qwen2VLForConditionalGeneration(config).eval()
+    _quiet_special_tokens(model, tokenizer)
+    model.generation_config.eos_token_id = _end_ids(tokenizer)
+    model.generation_config.bos_token_id = tokenizer.bos_token_id
     model.generation_config.pad_token_id = tokenizer.pad_token_id
     model.save_pretrained(directory)
     processor.save_pretrained(directory)
@@ -162,16 +254,40 @@ def build_tiny_llama(directory: Path) -> Path:
     return directory
 
 
-def build_hub_code_config(directory: Path) -> Path:
-    """A checkpoint whose architecture exists only as Python code on the hub (auto_map)."""
-    directory.mkdir(parents=True, exist_ok=True)
-    config = {
-        "model_type": "seebot_hub_only_vlm",
-        "architectures": ["HubOnlyVLMForConditionalGeneration"],
-        "auto_map": {
-            "AutoConfig": "configuration_hub_only.HubOnlyVLMConfig",
-            "AutoModelForImageTextToText": "modeling_hub_only.HubOnlyVLMForConditionalGeneration",
-        },
+_HUB_CONFIG_CODE = """from transformers import LlavaConfig
+
+
+class HubVLMConfig(LlavaConfig):
+    model_type = "seebot_hub_vlm"
+"""
+
+_HUB_MODELING_CODE = """from transformers import LlavaForConditionalGeneration
+
+from .configuration_hub_vlm import HubVLMConfig
+
+
+class HubVLMForConditionalGeneration(LlavaForConditionalGeneration):
+    config_class = HubVLMConfig
+"""
+
+
+def build_hub_code_llava(directory: Path) -> Path:
+    """The tiny LLaVA as a model whose architecture exists only as Python code in its
+    repository (``auto_map``), as hub-code models are published."""
+    build_tiny_llava(directory)
+    # save_pretrained writes LLaVA's legacy key names, which transformers renames for the
+    # llava model_type only: hub code gets the names its classes use.
+    weights = LlavaForConditionalGeneration.from_pretrained(directory).state_dict()
+    save_file({name: weight.contiguous() for name, weight in weights.items()}, directory / WEIGHTS)
+    config_path = directory / "config.json"
+    config = json.loads(config_path.read_text())
+    config["model_type"] = "seebot_hub_vlm"
+    config["architectures"] = ["HubVLMForConditionalGeneration"]
+    config["auto_map"] = {
+        "AutoConfig": "configuration_hub_vlm.HubVLMConfig",
+        "AutoModelForImageTextToText": "modeling_hub_vlm.HubVLMForConditionalGeneration",
     }
-    (directory / "config.json").write_text(json.dumps(config))
+    config_path.write_text(json.dumps(config, indent=2))
+    (directory / "configuration_hub_vlm.py").write_text(_HUB_CONFIG_CODE)
+    (directory / "modeling_hub_vlm.py").write_text(_HUB_MODELING_CODE)
     return directory
