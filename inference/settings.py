@@ -59,6 +59,17 @@ def env_choice(env: Mapping[str, str], name: str, default: str, choices: tuple[s
     return value
 
 
+def env_bool(env: Mapping[str, str], name: str, default: bool) -> bool:
+    raw = env.get(name, "").strip().lower()
+    if not raw:
+        return default
+    if raw in ("1", "true", "yes", "on"):
+        return True
+    if raw in ("0", "false", "no", "off"):
+        return False
+    raise SettingsError(f"{name} must be true or false, got {raw!r}")
+
+
 def check_device(value: str) -> str:
     value = value.strip().lower()
     if value in ("auto", "cpu", "cuda") or (value.startswith("cuda:") and value[5:].isdigit()):
@@ -77,6 +88,8 @@ def check_base_url(value: str) -> str:
 class InferenceSettings:
     model_id: str = DEFAULT_MODEL_ID
     model_revision: str | None = None
+    # The generic path may run Python code from a model's hub repository only when this is on.
+    trust_remote_code: bool = False
     device: str = "auto"
     dtype: str = "auto"
     # None follows the model cards' advice: 16 crops for one image, 4 when there are several.
@@ -118,6 +131,7 @@ class InferenceSettings:
         return cls(
             model_id=env_str(env, "MODEL_ID", DEFAULT_MODEL_ID) or DEFAULT_MODEL_ID,
             model_revision=env_str(env, "MODEL_REVISION", None),
+            trust_remote_code=env_bool(env, "TRUST_REMOTE_CODE", False),
             device=check_device(env_str(env, "DEVICE", "auto") or "auto"),
             dtype=env_choice(env, "DTYPE", "auto", DTYPES),
             num_crops=env_int(env, "NUM_CROPS", None, minimum=1),
