@@ -83,13 +83,15 @@ def _check_architecture(source: str, config: dict[str, Any], trust_remote_code: 
                 f"model {source!r} ({model_type}) runs Python code from its hub repository; "
                 "set TRUST_REMOTE_CODE=true to allow that (only for a repository you trust)"
             )
-        takes_images = "AutoModelForImageTextToText" in auto_map
-    else:
-        takes_images = model_type in MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING_NAMES
-    if not takes_images:
+        if "AutoModelForImageTextToText" not in auto_map:
+            raise ModelLoadError(
+                f"model {source!r} ({model_type}): its hub code has no AutoModelForImageTextToText "
+                "class, which the generic path runs; choose another MODEL_ID"
+            )
+    elif model_type not in MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING_NAMES:
         raise ModelLoadError(
-            f"model {source!r} ({model_type}) takes no image input: MODEL_ID must be a "
-            "vision-language (image-text-to-text) model, such as Phi-3-vision, Qwen2.5-VL or SmolVLM"
+            f"model {source!r} ({model_type}) takes no image input: MODEL_ID must be a vision-language "
+            "(image-text-to-text) model, such as Phi-3-vision, Qwen2.5-VL or SmolVLM"
         )
 
 
@@ -103,8 +105,7 @@ def _check_processor(source: str, processor: Any) -> None:
                 f"model {source!r} has no chat template: use its instruction-tuned (chat) version"
             )
         processor.chat_template = tokenizer.chat_template
-    tokenizer.padding_side = "left"  # batched prompts end where the answers begin
-    if tokenizer.pad_token is None:
+    if tokenizer.pad_token is None:  # batches are padded
         tokenizer.pad_token = tokenizer.eos_token
 
 
@@ -257,6 +258,7 @@ def encode_prompts(processor: Any, prompts: Sequence[GenericPrompt]) -> dict[str
             text=[prompt.text for prompt in prompts],
             images=images if any(images) else None,
             padding=True,
+            padding_side="left",  # batched prompts end where the answers begin
             return_tensors="pt",
         )
     )

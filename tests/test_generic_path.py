@@ -242,6 +242,14 @@ def test_trust_remote_code_runs_a_hub_code_model(
     assert _alone(hub_code, ONE_IMAGE, 5) == _alone(loaded, ONE_IMAGE, 5)
 
 
+def test_hub_code_without_an_image_text_to_text_class(tmp_path: Path) -> None:
+    config = '{"model_type": "hub_chat", "auto_map": {"AutoModelForCausalLM": "modeling.HubChat"}}'
+    (tmp_path / "config.json").write_text(config)
+    settings = dataclasses.replace(InferenceSettings(model_id=str(tmp_path)), trust_remote_code=True)
+    with pytest.raises(ModelLoadError, match="no AutoModelForImageTextToText class"):
+        load_generic(settings, CPU, torch.float32)
+
+
 def test_an_architecture_transformers_does_not_know(tmp_path: Path) -> None:
     (tmp_path / "config.json").write_text('{"model_type": "no_such_vlm"}')
     with pytest.raises(ModelLoadError, match=r"'no_such_vlm', which transformers .* does not know"):
