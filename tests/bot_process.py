@@ -1,9 +1,14 @@
-"""Running `python -m bot` against the fake Discord, and what e2e tests share."""
+"""Running the bot against the fake Discord, and what e2e tests share.
+
+The bot runs as `python -m tests.scripted_bot`: the real `python -m bot` main and engine,
+with tests/conftest.py's SCRIPT steering the tiny model's replies (tests/scripted.py).
+"""
 
 from __future__ import annotations
 
 import asyncio
 import io
+import json
 import os
 import subprocess
 import sys
@@ -11,7 +16,9 @@ from pathlib import Path
 
 from PIL import Image
 
+from tests.conftest import SCRIPT
 from tests.fake_discord import FakeDiscord
+from tests.scripted_bot import SCRIPT_ENV
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -56,13 +63,15 @@ async def start_bot(
     connected and registered its slash commands and (``wait_for_model``) shows itself online,
     which it does once the model is loaded and warmed up."""
     log_path = workdir / "bot.log"
+    script = workdir / "script.json"
+    script.write_text(json.dumps(SCRIPT))
     with log_path.open("wb") as log_file:
         process = await asyncio.create_subprocess_exec(
             sys.executable,
             "-m",
-            "bot",
+            "tests.scripted_bot",
             cwd=workdir,
-            env={**bot_env(fake, model_dir), **settings},
+            env={**bot_env(fake, model_dir), SCRIPT_ENV: str(script), **settings},
             stdin=subprocess.DEVNULL,
             stdout=log_file,
             stderr=subprocess.STDOUT,
