@@ -199,11 +199,15 @@ class GenericPrompt:
     images: tuple[Image.Image, ...]
 
 
+def _is_markup(token: str) -> bool:
+    return len(token) > 1 and not token.isalnum() and not any(char.isspace() for char in token)
+
+
 @functools.lru_cache(maxsize=8)
 def _defuse_pattern(tokens: frozenset[str]) -> re.Pattern[str] | None:
-    markup = sorted(
-        (token for token in tokens if len(token) > 1 and not token.isalnum()), key=len, reverse=True
-    )
+    """Markup-like tokens (`<image>`, `<|im_end|>`, `[INST]`), longest first; never plain words
+    or whitespace runs, which people type."""
+    markup = sorted((token for token in tokens if _is_markup(token)), key=len, reverse=True)
     return re.compile("|".join(map(re.escape, markup))) if markup else None
 
 
@@ -224,12 +228,12 @@ def special_tokens(processor: Any) -> frozenset[str]:
     return frozenset(tokens)
 
 
-def generic_messages(conversation: Conversation, special_tokens: Iterable[str] = ()) -> list[dict[str, Any]]:
-    """transformers' multimodal messages; `special_tokens` in the text are defused (a zero-width
+def generic_messages(conversation: Conversation, reserved: Iterable[str] = ()) -> list[dict[str, Any]]:
+    """transformers' multimodal messages; `reserved` tokens in the text are defused (a zero-width
     space after their first character) so text cannot add image placeholders or fake a turn."""
     if not conversation.turns or conversation.turns[-1].role != "user":
         raise PromptError("a conversation must end with a user turn")
-    pattern = _defuse_pattern(frozenset(special_tokens))
+    pattern = _defuse_pattern(frozenset(reserved))
     messages: list[dict[str, Any]] = []
     for turn in conversation.turns:
         if turn.role not in ("user", "assistant"):

@@ -214,6 +214,13 @@ def test_sampling_at_a_temperature(loaded: LoadedModel) -> None:
     assert answers[0] != answers[1]
 
 
+def test_only_markup_tokens_are_defused() -> None:
+    reserved = ["<image>", "[INST]", "\n\n", " the", "hello"]
+    question = "[INST] <image> hello the\n\nend"
+    (message,) = generic_messages(Conversation.single(question), reserved)
+    assert message["content"] == [{"type": "text", "text": "[\u200bINST] <\u200bimage> hello the\n\nend"}]
+
+
 def test_a_conversation_must_end_with_a_question() -> None:
     with pytest.raises(PromptError):
         generic_messages(Conversation((Turn("user", "Hi"), Turn("assistant", "Hello"))))
