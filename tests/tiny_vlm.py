@@ -4,6 +4,7 @@
 byte-level BPE trained here, a ChatML-style chat template and a CLIP image processor, saved
 with ``save_pretrained``: the layout of a user's checkpoint. ``build_tiny_llama``: a text-only
 causal LM. ``build_tiny_qwen2_vl``: Qwen2-VL, with its own image sizes and multimodal RoPE.
+``build_tiny_idefics3``: Idefics3 (SmolVLM's architecture), images batched per prompt.
 ``build_hub_code_llava``: the LLaVA as a model that exists only as hub code.
 """
 
@@ -19,6 +20,10 @@ from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers, 
 from transformers import (
     CLIPImageProcessor,
     CLIPVisionConfig,
+    Idefics3Config,
+    Idefics3ForConditionalGeneration,
+    Idefics3ImageProcessor,
+    Idefics3Processor,
     LlamaConfig,
     LlamaForCausalLM,
     LlavaConfig,
@@ -37,6 +42,7 @@ WEIGHTS = "model.safetensors"
 IMAGE_TOKEN = "<image>"
 END_OF_TURN = "<|im_end|>"
 VISION_START, VISION_END = "<|vision_start|>", "<|vision_end|>"  # Qwen2-VL's image brackets
+IDEFICS3_TOKENS = ("<fake_token_around_image>", "<global-img>", "<end_of_utterance>")
 SPECIAL_TOKENS = (
     "<unk>",
     "<s>",
@@ -47,6 +53,7 @@ SPECIAL_TOKENS = (
     IMAGE_TOKEN,
     VISION_START,
     VISION_END,
+    *IDEFICS3_TOKENS,
 )
 IMAGE_SIZE = 28
 PATCH_SIZE = 14
@@ -54,7 +61,7 @@ PATCH_SIZE = 14
 TOKENS_PER_IMAGE = (IMAGE_SIZE // PATCH_SIZE) ** 2
 
 
-def chat_template(image: str) -> str:
+def chatml_template(image: str) -> str:
     """A ChatML-style template over transformers' multimodal messages; `image` per image item."""
     return (
         "{% for message in messages %}"
@@ -70,7 +77,7 @@ def chat_template(image: str) -> str:
     )
 
 
-CHAT_TEMPLATE = chat_template(IMAGE_TOKEN)
+CHAT_TEMPLATE = chatml_template(IMAGE_TOKEN)
 
 _WORDS = (
     "the a image picture cat dog red blue green shows what is in this there are two of and "
@@ -187,7 +194,7 @@ def build_tiny_qwen2_vl(directory: Path) -> Path:
     """A random-weight Qwen2-VL (multimodal RoPE, images of their own size, at most 2x2
     merged patches) with its processor, saved as a local checkpoint directory."""
     torch.manual_seed(SEED)
-    template = chat_template(VISION_START + IMAGE_TOKEN + VISION_END)
+    template = chatml_template(VISION_START + IMAGE_TOKEN + VISION_END)
     tokenizer = build_tokenizer(template)
     patch, merge = PATCH_SIZE, 2
     processor = Qwen2VLProcessor(
@@ -228,6 +235,7 @@ def build_tiny_qwen2_vl(directory: Path) -> Path:
             "mlp_ratio": 2,
             "patch_size": patch,
             "spatial_merge_size": merge,
+            "initializer_range": 0.3,
         },
         image_token_id=tokenizer.convert_tokens_to_ids(IMAGE_TOKEN),
         video_token_id=tokenizer.unk_token_id,
@@ -239,6 +247,49 @@ def build_tiny_qwen2_vl(directory: Path) -> Path:
     _quiet_special_tokens(model, tokenizer)
     model.generation_config.eos_token_id = _end_ids(tokenizer)
     model.generation_config.bos_token_id = tokenizer.bos_token_id
+    model.generation_config.pad_token_id = tokenizer.pad_token_id
+    model.save_pretrained(directory)
+    processor.save_pretrained(directory)
+    return directory
+
+
+def build_tiny_idefics3(directory: Path) -> Path:
+    """A random-weight Idefics3 (SmolVLM's architecture: images batched per prompt, padded,
+    with a pixel mask; one 28-pixel view per image) with its processor, saved as a checkpoint."""
+    torch.manual_seed(SEED)
+    tokenizer = build_tokenizer()
+    processor = Idefics3Processor(
+        image_processor=Idefics3ImageProcessor(
+            size={"longest_edge": IMAGE_SIZE},
+            max_image_size={"longest_edge": IMAGE_SIZE},
+            do_image_splitting=False,
+        ),
+        tokenizer=tokenizer,
+        image_seq_len=1,  # (28 / 14) ** 2 patches, merged 2x2 (scale_factor)
+        chat_template=CHAT_TEMPLATE,
+    )
+    ids = {
+        "bos_token_id": tokenizer.bos_token_id,
+        "eos_token_id": tokenizer.eos_token_id,
+        "pad_token_id": tokenizer.pad_token_id,
+    }
+    config = Idefics3Config(
+        text_config=_text_config(tokenizer).to_dict(),
+        vision_config={
+            "hidden_size": 32,
+            "intermediate_size": 64,
+            "num_hidden_layers": 2,
+            "num_attention_heads": 2,
+            "image_size": IMAGE_SIZE,
+            "patch_size": PATCH_SIZE,
+        },
+        image_token_id=tokenizer.convert_tokens_to_ids(IMAGE_TOKEN),
+        scale_factor=2,
+        **ids,
+    )
+    model = Idefics3ForConditionalGeneration(config).eval()
+    _quiet_special_tokens(model, tokenizer)
+    model.generation_config.eos_token_id = _end_ids(tokenizer)
     model.generation_config.pad_token_id = tokenizer.pad_token_id
     model.save_pretrained(directory)
     processor.save_pretrained(directory)
