@@ -257,12 +257,17 @@ def encode_prompts(processor: Any, prompts: Sequence[GenericPrompt]) -> dict[str
     """Model inputs for prompts in one batch (on the CPU): left-padded ids, images as the
     processor batches them (a list of images per prompt)."""
     images = [list(prompt.images) for prompt in prompts]
+    bos = processor.tokenizer.bos_token
+    # A template that writes the BOS itself (Gemma 3, Llama 3.2 Vision) must not get a second
+    # one from the tokenizer: what transformers' apply_chat_template(tokenize=True) does.
+    templated_bos = bos is not None and all(prompt.text.startswith(bos) for prompt in prompts)
     return dict(
         processor(
             text=[prompt.text for prompt in prompts],
             images=images if any(images) else None,
             padding=True,
             padding_side="left",  # batched prompts end where the answers begin
+            add_special_tokens=not templated_bos,
             return_tensors="pt",
         )
     )

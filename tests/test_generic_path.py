@@ -17,6 +17,7 @@ from inference.generic import (
     GenericRow,
     GenericRunner,
     encode_generic,
+    encode_prompts,
     generic_messages,
     generic_prompt,
     load_generic,
@@ -25,6 +26,7 @@ from inference.loading import LoadedModel, load_model
 from inference.settings import InferenceSettings
 from tests.synthetic_images import bar_chart, book_cover, team_photo
 from tests.tiny_vlm import (
+    CHAT_TEMPLATE,
     END_OF_TURN,
     IMAGE_TOKEN,
     build_hub_code_llava,
@@ -105,12 +107,20 @@ def _alone(loaded: LoadedModel, conversation: Conversation, max_new_tokens: int)
 
 
 def _hf_generate(loaded: LoadedModel, conversation: Conversation, max_new_tokens: int) -> list[int]:
-    """The oracle: the processor and `generate` as a transformers user calls them."""
-    processor = loaded.processor
-    messages = generic_messages(conversation)
-    prompt = processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
-    images = conversation.images
-    inputs = processor(text=[prompt], images=images or None, return_tensors="pt")
+    """The oracle: the processor's own chat template and `generate`, as a transformers user
+    calls them (images inside the messages)."""
+    images = iter(conversation.images)
+    messages = [
+        {
+            "role": turn.role,
+            "content": [{"type": "image", "image": next(images)} for _ in turn.images]
+            + [{"type": "text", "text": turn.text}],
+        }
+        for turn in conversation.turns
+    ]
+    inputs = loaded.processor.apply_chat_template(
+        messages, add_generation_prompt=True, tokenize=True, return_dict=True, return_tensors="pt"
+    )
     with torch.inference_mode():
         output = loaded.model.generate(
             **inputs, do_sample=False, max_new_tokens=max_new_tokens, eos_token_id=loaded.stop_token_ids
@@ -148,6 +158,19 @@ def test_answers_are_the_models_own(model: LoadedModel, conversation: Conversati
     answer = _alone(model, conversation, 6)
     assert answer == _hf_generate(model, conversation, 6)
     assert len(answer) == 6
+
+
+def test_a_template_that_writes_the_bos_gets_one(tmp_path: Path) -> None:
+    model = _load(
+        build_tiny_llava(tmp_path / "bos", chat_template="{{ bos_token }}" + CHAT_TEMPLATE, add_bos=True)
+    )
+    bos = model.tokenizer.bos_token_id
+    for rows in ([ONE_IMAGE], [TEXT_ONLY, TWO_TURNS]):
+        inputs = encode_prompts(model.processor, [generic_prompt(model.processor, c) for c in rows])
+        firsts = inputs["attention_mask"].argmax(dim=1)  # left padding: where each prompt starts
+        assert inputs["input_ids"][range(len(rows)), firsts].tolist() == [bos] * len(rows)
+        assert (inputs["input_ids"] == bos).sum() == len(rows)
+    assert _alone(model, ONE_IMAGE, 4) == _hf_generate(model, ONE_IMAGE, 4)
 
 
 def test_earlier_turns_come_first_in_the_prompt(model: LoadedModel) -> None:

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import torch
 from safetensors.torch import save_file
-from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers, trainers
+from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers, processors, trainers
 from transformers import (
     CLIPImageProcessor,
     CLIPVisionConfig,
@@ -94,8 +94,11 @@ def _special(content: str) -> AddedToken:
     return AddedToken(content, lstrip=False, rstrip=False, normalized=False, special=True)
 
 
-def build_tokenizer(chat_template: str | None = CHAT_TEMPLATE) -> PreTrainedTokenizerFast:
-    """A byte-level BPE whose special tokens are never split."""
+def build_tokenizer(
+    chat_template: str | None = CHAT_TEMPLATE, *, add_bos: bool = False
+) -> PreTrainedTokenizerFast:
+    """A byte-level BPE whose special tokens are never split; `add_bos`: it starts every text
+    with <s>, as Llama's and Gemma's do."""
     tokenizer = Tokenizer(models.BPE())
     tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tokenizer.decoder = decoders.ByteLevel()
@@ -107,6 +110,10 @@ def build_tokenizer(chat_template: str | None = CHAT_TEMPLATE) -> PreTrainedToke
         show_progress=False,
     )
     tokenizer.train_from_iterator(_corpus(), trainer=trainer)
+    if add_bos:
+        tokenizer.post_processor = processors.TemplateProcessing(
+            single="<s> $A", special_tokens=[("<s>", tokenizer.token_to_id("<s>"))]
+        )
     return PreTrainedTokenizerFast(
         tokenizer_object=tokenizer,
         bos_token=_special("<s>"),
@@ -144,10 +151,12 @@ def _end_ids(tokenizer: PreTrainedTokenizerFast) -> list[int]:
     return [tokenizer.convert_tokens_to_ids(END_OF_TURN), tokenizer.convert_tokens_to_ids("</s>")]
 
 
-def build_tiny_llava(directory: Path, *, chat_template: str | None = CHAT_TEMPLATE) -> Path:
+def build_tiny_llava(
+    directory: Path, *, chat_template: str | None = CHAT_TEMPLATE, add_bos: bool = False
+) -> Path:
     """A random-weight LLaVA with its processor, saved as a local checkpoint directory."""
     torch.manual_seed(SEED)
-    tokenizer = build_tokenizer(chat_template)
+    tokenizer = build_tokenizer(chat_template, add_bos=add_bos)
     image_processor = CLIPImageProcessor(
         size={"shortest_edge": IMAGE_SIZE}, crop_size={"height": IMAGE_SIZE, "width": IMAGE_SIZE}
     )
