@@ -109,7 +109,7 @@ def _check_processor(source: str, processor: Any) -> None:
         tokenizer.pad_token = tokenizer.eos_token
 
 
-def stop_token_ids(tokenizer: Any, generation_config: Any) -> list[int]:
+def _stop_token_ids(tokenizer: Any, generation_config: Any) -> list[int]:
     """The tokenizer's eos and the generation config's eos ids, in that order, once each."""
     configured = getattr(generation_config, "eos_token_id", None)
     if configured is None:
@@ -177,7 +177,7 @@ def load_generic(settings: InferenceSettings, device: torch.device, dtype: torch
     if device.type != "cuda":
         model.to(device)
     model.eval()
-    stops = stop_token_ids(processor.tokenizer, model.generation_config)
+    stops = _stop_token_ids(processor.tokenizer, model.generation_config)
     attention = model.config._attn_implementation
     log.info("model ready: %s, %s attention, stop tokens %s", type(model).__name__, attention, stops)
     return LoadedModel(model, processor, device, dtype, attention, stops, kind="generic")
@@ -337,12 +337,16 @@ class GenericRunner:
     def __init__(self, loaded: LoadedModel) -> None:
         self.loaded = loaded
 
-    def _on_device(self, inputs: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    def _on_device(self, inputs: dict[str, Any]) -> dict[str, Any]:
+        """Tensors onto the model's device, floating ones (pixels) in its dtype."""
         device, dtype = self.loaded.device, self.loaded.dtype
-        return {
-            name: tensor.to(device, dtype) if tensor.is_floating_point() else tensor.to(device)
-            for name, tensor in inputs.items()
-        }
+
+        def move(value: Any) -> Any:
+            if not isinstance(value, torch.Tensor):
+                return value
+            return value.to(device, dtype) if value.is_floating_point() else value.to(device)
+
+        return {name: move(value) for name, value in inputs.items()}
 
     def generate(self, rows: Sequence[GenericRow], temperature: float = 0.0) -> None:
         """One batched `generate` over `rows`; each row ends on its own. Raises what the model
