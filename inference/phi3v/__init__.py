@@ -4,6 +4,7 @@ No code from the hub runs: the hub checkpoint's ``config.json`` (``model_type: p
 ``tokenizer.json``, ``preprocessor_config.json`` and safetensors are read as they are.
 """
 
+from .checkpoint import hub_state_dict, save_hub_checkpoint
 from .config import Phi3VConfig
 from .loading import CheckpointMismatch, load_phi3v, register
 from .modeling import LongRopeRotaryEmbedding, Phi3VForCausalLM, Phi3VImageEmbedding, Phi3VModel
@@ -21,7 +22,9 @@ __all__ = [
     "Phi3VModel",
     "Phi3VProcessor",
     "hd_size",
+    "hub_state_dict",
     "load_phi3v",
     "num_image_tokens",
     "register",
+    "save_hub_checkpoint",
 ]

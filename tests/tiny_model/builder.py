@@ -22,12 +22,10 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from huggingface_hub import split_torch_state_dict_into_shards
-from safetensors.torch import save_file
 from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers, processors, trainers
 from transformers import PreTrainedTokenizerFast
 
-from inference.phi3v import Phi3VConfig, Phi3VForCausalLM
+from inference.phi3v import Phi3VConfig, Phi3VForCausalLM, hub_state_dict, save_hub_checkpoint
 from inference.phi3v import num_image_tokens as _num_image_tokens
 
 SEED = 1234
@@ -325,27 +323,12 @@ def _keep_random_text_clean(model: Phi3VForCausalLM, unsayable: list[int]) -> No
         model.lm_head.weight[unsayable, 0] = UNSAYABLE_WEIGHT
 
 
-def hub_state_dict(model: Phi3VForCausalLM) -> dict[str, torch.Tensor]:
-    """The weights under the hub checkpoint's names (CLIP under ``img_processor.vision_model``)."""
-    names = {}
-    for key, tensor in model.state_dict().items():
-        hub_key = key.replace(".img_processor.", ".img_processor.vision_model.", 1)
-        names[hub_key] = tensor.detach().contiguous()
-    return names
-
-
 def save_hub_weights(state_dict: dict[str, torch.Tensor], directory: Path, *, shards: int = 1) -> None:
-    """safetensors as the hub stores them: ``model.safetensors``, or ``model-0000k-of-0000n`` and
-    ``model.safetensors.index.json``."""
-    if shards <= 1:
-        save_file(state_dict, directory / "model.safetensors", metadata={"format": "pt"})
-        return
+    """safetensors as the hub stores them: one file, or about ``shards`` files and an index."""
     total = sum(tensor.numel() * tensor.element_size() for tensor in state_dict.values())
-    split = split_torch_state_dict_into_shards(state_dict, max_shard_size=max(1, total // shards + 1))
-    for filename, keys in split.filename_to_tensors.items():
-        save_file({key: state_dict[key] for key in keys}, directory / filename, metadata={"format": "pt"})
-    index = {"metadata": {"total_size": total}, "weight_map": split.tensor_to_filename}
-    (directory / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
+    save_hub_checkpoint(
+        state_dict, directory, max_shard_size=total + 1 if shards <= 1 else total // shards + 1
+    )
 
 
 def build_tiny_model(
@@ -360,7 +343,7 @@ def build_tiny_model(
 
     ``real_image_shapes``: the hub's image numbers (336-pixel crops, 144 features per crop, so
     prompts are as long as the real model's: 1280x720 at 16 crops is 2,353 image positions)
-    with a tiny vision tower. ``shards``: weights split over that many files with an index.
+    with a tiny vision tower. ``shards``: weights split over about that many files with an index.
     ``dtype``: the stored dtype. ``original_max_position_embeddings``: add the hub's LongRoPE
     scaling, switching to the long factors past that many positions (real_image_shapes: the
     hub's 4,096 and 131,072 positions unless given).
