@@ -21,6 +21,8 @@ import enum
 import logging
 from typing import Any
 
+import torch
+
 from .conversation import Conversation
 from .engine import EngineError
 from .jobs import DONE, Job, padding_id, release_gpu_memory
@@ -207,6 +209,7 @@ class EngineCore:
 
     # --- one step -------------------------------------------------------------------------
 
+    @torch.inference_mode()
     def step(self) -> None:
         """Schedule, execute, update (see the module docstring)."""
         scheduler, runner = self.scheduler, self.runner

@@ -19,7 +19,7 @@ from collections.abc import AsyncIterator, Callable
 from typing import Any, Protocol
 
 from .conversation import PromptError, build_prompt
-from .engine import EngineClosed, EngineError, GenerationError, GenerationRequest
+from .engine import EngineClosed, EngineError, GenerationError, GenerationRequest, ModelLoadError
 from .jobs import BATCH_GATHER_SECONDS, DONE, Job, release_gpu_memory
 from .loading import LoadedModel, load_model
 from .settings import InferenceSettings
@@ -207,7 +207,12 @@ class LocalEngine:
             started = time.perf_counter()
             self._loaded = self._loader(self.settings)
             loaded_at = time.perf_counter()
-            self._core = make_core(self._loaded, self.settings, self._steering)
+            try:
+                self._core = make_core(self._loaded, self.settings, self._steering)
+            except Exception as error:
+                log.exception("the warm-up failed")
+                reason = (str(error).strip() or type(error).__name__).splitlines()[0]
+                raise ModelLoadError(f"the model loaded but does not run: {reason}") from error
             self.warm_up_seconds = time.perf_counter() - loaded_at
             log.info(
                 "model loaded in %.1f s, ready in %.1f s", loaded_at - started, time.perf_counter() - started
