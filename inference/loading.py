@@ -13,7 +13,9 @@ from __future__ import annotations
 
 import importlib.util
 import logging
+import os
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -101,14 +103,19 @@ def _config_dict(source: str, revision: str | None) -> dict[str, Any]:
     """The checkpoint's config.json, read without resolving any class or running any code."""
     from transformers import PretrainedConfig
 
+    what_to_do = "set MODEL_ID to a hub model id or a local model directory"
+    if _looks_like_a_path(source) and not Path(source).is_dir():
+        raise ModelLoadError(f"cannot load model {source!r}: no such directory ({what_to_do})")
     try:
         config, _ = PretrainedConfig.get_config_dict(source, revision=revision)
     except (OSError, ValueError) as error:
-        raise ModelLoadError(
-            f"cannot load model {source!r}: {_first_line(error)} "
-            "(set MODEL_ID to a hub model id or a local model directory)"
-        ) from error
+        raise ModelLoadError(f"cannot load model {source!r}: {_first_line(error)} ({what_to_do})") from error
     return config
+
+
+def _looks_like_a_path(source: str) -> bool:
+    """A hub id is ``name`` or ``owner/name``; anything else that names a place is a directory."""
+    return source.startswith(("/", ".", "~")) or source.count("/") > 1 or os.sep in source.replace("/", "")
 
 
 def _load_phi3v(settings: InferenceSettings, device: torch.device, dtype: torch.dtype) -> LoadedModel:

@@ -324,3 +324,20 @@ def test_an_architecture_neither_path_runs_is_one_line(tiny_model_dir: Path, tmp
     with pytest.raises(ModelLoadError) as error:
         load(unknown)
     assert "\n" not in str(error.value) and "phi9_hologram" in str(error.value)
+
+
+def test_a_hub_id_loads_from_the_hub_cache_offline_at_a_pinned_revision(tiny_model_dir: Path) -> None:
+    from huggingface_hub import constants
+
+    commit = "0123456789abcdef0123456789abcdef01234567"
+    repo = Path(constants.HF_HUB_CACHE) / "models--seebot-tests--tiny-phi3v"
+    shutil.copytree(tiny_model_dir, repo / "snapshots" / commit)
+    (repo / "refs").mkdir(parents=True)
+    (repo / "refs" / "main").write_text(commit)
+    latest = load_model(InferenceSettings(model_id="seebot-tests/tiny-phi3v", device="cpu"))
+    pinned = load_model(
+        InferenceSettings(model_id="seebot-tests/tiny-phi3v", model_revision=commit, device="cpu")
+    )
+    assert type(latest.model) is Phi3VForCausalLM and type(pinned.model) is Phi3VForCausalLM
+    with pytest.raises(ModelLoadError, match="seebot-tests/tiny-phi3v"):
+        load_model(InferenceSettings(model_id="seebot-tests/tiny-phi3v", model_revision="v9", device="cpu"))
