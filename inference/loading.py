@@ -67,9 +67,10 @@ def resolve_dtype(setting: str, device: torch.device) -> torch.dtype:
     return getattr(torch, setting)
 
 
-def choose_attention(device: torch.device) -> str:
-    """flash_attention_2 when it can run (CUDA, flash-attn imports), else sdpa."""
-    if device.type == "cuda" and importlib.util.find_spec("flash_attn") is not None:
+def choose_attention(device: torch.device, dtype: torch.dtype = torch.bfloat16) -> str:
+    """flash_attention_2 when it can run (CUDA, half precision, flash-attn imports), else sdpa."""
+    half = dtype in (torch.bfloat16, torch.float16)
+    if device.type == "cuda" and half and importlib.util.find_spec("flash_attn") is not None:
         try:
             import flash_attn  # noqa: F401
         except Exception as error:  # a broken build must not stop the bot
@@ -122,7 +123,7 @@ def _load_phi3v(settings: InferenceSettings, device: torch.device, dtype: torch.
     from .phi3v import CheckpointMismatch, load_phi3v
 
     source = settings.model_id
-    attention = choose_attention(device)
+    attention = choose_attention(device, dtype)
     log.info("loading %s on %s (%s, %s attention)", source, device, dtype, attention)
     try:
         model, processor = load_phi3v(

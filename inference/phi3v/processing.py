@@ -185,9 +185,10 @@ class Phi3VProcessor:
         text: str | Sequence[str],
         images: Sequence[Image.Image] | Image.Image | None = None,
         return_tensors: str | None = "pt",
-        **unused: Any,
+        padding: bool | str = True,
     ) -> BatchFeature:
-        """One prompt or several (a batch, padded on ``tokenizer.padding_side``).
+        """One prompt or several (a batch, always padded to the longest on ``tokenizer.padding_side``;
+        ``padding`` is accepted for the usual processor signature).
 
         In every prompt the tags are ``<|image_1|>``, ``<|image_2|>``... in order, each once;
         ``images`` holds the images of all prompts in that order.
