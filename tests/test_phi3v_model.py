@@ -341,3 +341,20 @@ def test_a_hub_id_loads_from_the_hub_cache_offline_at_a_pinned_revision(tiny_mod
     assert type(latest.model) is Phi3VForCausalLM and type(pinned.model) is Phi3VForCausalLM
     with pytest.raises(ModelLoadError, match="seebot-tests/tiny-phi3v"):
         load_model(InferenceSettings(model_id="seebot-tests/tiny-phi3v", model_revision="v9", device="cpu"))
+
+
+@pytest.mark.parametrize("sampled", [False, True], ids=["greedy", "sampled"])
+def test_the_random_weights_say_only_whole_printable_text(tiny: LoadedModel, sampled: bool) -> None:
+    inputs = encode(tiny, "Tell me everything.", pictures(1))
+    torch.manual_seed(7)
+    with torch.inference_mode():
+        out = tiny.model.generate(
+            **inputs, max_new_tokens=48, do_sample=sampled, temperature=1.5 if sampled else None, top_k=0
+        )
+    answer = out[0, inputs["input_ids"].shape[1] :].tolist()
+    assert len(answer) == 48
+    special = set(tiny.tokenizer.all_special_ids)
+    for token in answer:
+        text = tiny.tokenizer.decode([token])
+        assert token < len(tiny.tokenizer) and token not in special
+        assert text and "\ufffd" not in text and all(c.isprintable() or c in "\n\t" for c in text)
