@@ -40,8 +40,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument(
         "--gpu",
         action="store_true",
-        help="the real model's shapes on CUDA: needs --hub-files; runs the plain vs fast path "
-        "comparison unless --only says otherwise",
+        help="the real model's shapes on CUDA: needs --hub-files; runs HF generate vs the engine "
+        "with CUDA graphs unless --only says otherwise",
     )
     parser.add_argument(
         "--hub-files",
@@ -54,10 +54,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         "--layers", type=int, default=None, help="with --hub-files: keep only this many layers (smoke runs)"
     )
     parser.add_argument(
-        "--fast-path",
-        choices=("auto", "on", "off"),
+        "--max-new-tokens",
+        type=int,
         default=None,
-        help="FAST_PATH for the throughput engines (default: the setting's own default, auto)",
+        help="fastpath: tokens per answer (default 128, 64 with --quick)",
     )
     args = parser.parse_args(argv)
     if args.gpu:
@@ -110,11 +110,14 @@ async def run(args: argparse.Namespace, sections: tuple[str, ...]) -> dict[str, 
     else:
         model = BenchModel(args.model, args.device, tiny=False)
     quick = args.quick
+    on_gpu = args.device.startswith("cuda")
     fast_path = FastPathConfig(
-        max_new_tokens=128,
+        max_new_tokens=args.max_new_tokens or (64 if quick else 128),
         concurrency=(1, 4, 8, 16),
         requests_per_client=1 if quick else 3,
         alone_runs=2 if quick else 5,
+        # On a GPU the engine runs with CUDA graphs (eager decoding is for the CPU and COMPILE=off).
+        modes=("engine, compiled",) if on_gpu else ("engine, eager", "engine, compiled"),
     )
     lag = LagConfig(
         generations=2 if quick else 8,
@@ -150,9 +153,9 @@ async def run(args: argparse.Namespace, sections: tuple[str, ...]) -> dict[str, 
         results["overhead"] = await measure_overhead(model, overhead)
     if "throughput" in sections:
         log.info("measuring throughput")
-        results["throughput"] = await measure_throughput(model, throughput, fast_path=args.fast_path)
+        results["throughput"] = await measure_throughput(model, throughput)
     if "fastpath" in sections:
-        log.info("measuring the plain path against the fast path")
+        log.info("measuring HF generate against the engine")
         results["fast_path"] = await measure_fast_path(model, fast_path)
     return results
 

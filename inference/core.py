@@ -150,7 +150,11 @@ class EngineCore:
         return 0 if self.scheduler is None else len(self.scheduler.running)
 
     def has_room(self) -> bool:
-        return self.scheduler is not None and self.scheduler.free_slots > 0
+        return self.room > 0
+
+    @property
+    def room(self) -> int:
+        return 0 if self.scheduler is None else self.scheduler.free_slots
 
     def max_new_tokens(self, job: Job) -> int:
         return job.request.max_new_tokens or self.settings.max_new_tokens

@@ -35,6 +35,7 @@ class GenericCore:
         self.context = settings.max_context_tokens or context_length(loaded.model)
         self._batch: list[tuple[Job, GenericRow, TextPieces]] = []
         self._temperature: float | None = None
+        self._generating = False
 
     @property
     def idle(self) -> bool:
@@ -45,7 +46,13 @@ class GenericCore:
         return len(self._batch)
 
     def has_room(self) -> bool:
-        return len(self._batch) < self.settings.max_batch_size
+        """Whether the batch being gathered can take one more."""
+        return not self._generating and len(self._batch) < self.settings.max_batch_size
+
+    @property
+    def room(self) -> int:
+        """A gathered batch runs at once: later requests wait for the next one."""
+        return 0 if self._generating or self._batch else self.settings.max_batch_size
 
     def _prompt(self, job: Job, max_new_tokens: int) -> GenericPrompt:
         processor = self.loaded.processor
@@ -98,6 +105,7 @@ class GenericCore:
         rows = [row for _, row, _ in batch]
         if len(rows) > 1:
             log.info("generating %d answers in one batch", len(rows))
+        self._generating = True
         try:
             self.runner.generate(rows, self._temperature or 0.0)
         except Exception as error:
@@ -107,6 +115,8 @@ class GenericCore:
                 if not row.ended:
                     row.ended = True
                     job.send(error)
+        finally:
+            self._generating = False
 
     def finish_all(self, item: Any = DONE) -> None:
         batch, self._batch = self._batch, []

@@ -39,6 +39,11 @@ class ServingCore(Protocol):
 
     def has_room(self) -> bool: ...
 
+    @property
+    def room(self) -> int:
+        """How many more requests could start now."""
+        ...
+
     def add(self, job: Job) -> Any: ...
 
     def step(self) -> None: ...
@@ -86,7 +91,7 @@ class LocalEngine:
         self._closing = threading.Event()
         self._loaded: LoadedModel | None = None
         self._core: ServingCore | None = None
-        self._running = 0  # requests the core is running (for places in line)
+        self._room = 0  # requests that could start at once (for places in line)
         # How long the warm-up took at start-up (None: none ran).
         self.warm_up_seconds: float | None = None
 
@@ -175,17 +180,18 @@ class LocalEngine:
     def _announce_positions(self, started: Job | None = None) -> None:
         """Tell every waiting requester its place in line (runs on the event loop).
 
-        Place 1 means "next, once a running answer makes room". With nothing running, the
-        first in line is about to start: it hears nothing until it does (0).
+        Place 1 means "next, once a running answer makes room". Those the core has room for
+        are about to start: they hear nothing until they do (0), so a bot with free slots
+        shows no queue.
         """
         if started is not None:
             started.tell_position(0)
         with self._lock:
             waiting = list(self._waiting)
-            offset = 1 if self._running else 0
+            room = self._room
         for index, job in enumerate(waiting):
-            if index + offset > 0:
-                job.tell_position(index + offset)
+            if index >= room:
+                job.tell_position(index - room + 1)
 
     def _fail_waiting(self, error: EngineError) -> None:
         with self._lock:
@@ -236,7 +242,7 @@ class LocalEngine:
     def _serve(self, core: ServingCore) -> None:
         while True:
             with self._lock:
-                self._running = core.running
+                self._room = core.room
                 while not self._waiting and core.idle and not self._closing.is_set():
                     self._lock.wait()
                 if self._closing.is_set():
@@ -268,7 +274,7 @@ class LocalEngine:
                 self._call_on_loop(job, self._announce_positions, job)
         if took:
             with self._lock:
-                self._running = core.running
+                self._room = core.room
                 waiting = self._waiting[0] if self._waiting else None
             if waiting is not None:
                 self._call_on_loop(waiting, self._announce_positions)

@@ -76,7 +76,9 @@ class ModelRunner:
             dynamo_config.recompile_limit = max(dynamo_config.recompile_limit, 256)
             cache.mark_static()
             mode = "reduce-overhead" if device.type == "cuda" else None
-            self._decode = torch.compile(self._decode_forward, mode=mode, fullgraph=True)
+            # CPU: every shape from one graph (rows of 1 get their own); CUDA: graphs per shape.
+            dynamic = None if device.type == "cuda" else True
+            self._decode = torch.compile(self._decode_forward, mode=mode, fullgraph=True, dynamic=dynamic)
 
     # --- prefill -------------------------------------------------------------------------
 
@@ -106,7 +108,8 @@ class ModelRunner:
             hidden = self.model.model(
                 inputs_embeds=embeds[None],
                 position_ids=torch.arange(start, end, device=self.device)[None],
-                attention_mask=chunk_mask(start, end, self.device, self.window),
+                # From position 0 the model's own causal mask (or sdpa's is_causal) is right.
+                attention_mask=None if start == 0 else chunk_mask(start, end, self.device, self.window),
                 use_cache=False,
                 slot_cache=self.cache,
                 slot_index=slot,

@@ -5,7 +5,8 @@ engine runs the model's own ``Phi3Model`` forward and only attention differs: gi
 ``slot_cache=`` (and where to write) in the forward's keyword arguments, which transformers
 hands down to every attention call, it writes the new keys/values into the cache and
 attends over the rows' cached positions, with the 4-D mask the runner passes (a 4-D mask
-reaches attention as it is). Without ``slot_cache`` it is the model's original attention
+reaches attention as it is; a prompt's first chunk gets transformers' own causal mask, or
+none, sdpa's ``is_causal``). Without ``slot_cache`` it is the model's original attention
 (sdpa, eager or flash), so HF ``generate`` on the same model is unchanged.
 """
 
@@ -42,23 +43,23 @@ def _slot_attention(fallback: Any) -> Any:
     ) -> tuple[torch.Tensor, None]:
         if slot_cache is None:
             return fallback(module, query, key, value, attention_mask, scaling=scaling, **kwargs)
-        assert attention_mask is not None, "the runner passes a 4-D mask"
         layer = module.layer_idx
-        length = attention_mask.shape[-1]
         if slot_index is None:  # decode: one token per row, rows gathered from their slots
-            assert slot_rows is not None and slot_positions is not None
+            assert slot_rows is not None and slot_positions is not None and attention_mask is not None
             slot_cache.write_tokens(layer, slot_rows, slot_positions, key, value)
-            keys, values = slot_cache.read(layer, slot_rows, length)
+            keys, values = slot_cache.read(layer, slot_rows, attention_mask.shape[-1])
         else:  # a prefill chunk of one slot
             slot_cache.write_span(layer, slot_index, slot_start, key, value)
-            keys, values = slot_cache.read_slot(layer, slot_index, length)
+            keys, values = slot_cache.read_slot(layer, slot_index, slot_start + query.shape[2])
         output = F.scaled_dot_product_attention(
             query,
             keys.to(query.dtype),
             values.to(query.dtype),
             attn_mask=attention_mask,
+            # A first chunk with no mask: plain causal (transformers found no padding or window).
+            is_causal=attention_mask is None,
             scale=scaling,
-            enable_gqa=query.shape[1] != keys.shape[1],
+            enable_gqa=module.num_key_value_groups > 1,
         )
         return output.transpose(1, 2).contiguous(), None
 
