@@ -24,7 +24,6 @@ from typing import Any
 import torch
 
 from .conversation import Conversation
-from .engine import EngineError
 from .jobs import DONE, Job, padding_id, release_gpu_memory
 from .kv_cache import SlotCache
 from .loading import LoadedModel
@@ -159,21 +158,17 @@ class EngineCore:
     def max_new_tokens(self, job: Job) -> int:
         return job.request.max_new_tokens or self.settings.max_new_tokens
 
+    def prepare(self, job: Job) -> None:
+        """Encode the job's request (``job.encoded``); raises ``EngineError`` when it cannot be
+        answered (too long). CPU work only: the front runs it off the worker thread."""
+        job.encoded = self.encoder.encode(job.request, self.max_new_tokens(job))
+
     def add(self, job: Job) -> Admission:
-        """Admit ``job`` to a free slot; its prefill starts at the next step."""
+        """Admit ``job`` (prepared) to a free slot; its prefill starts at the next step."""
         if job.cancelled.is_set():
             return Admission.REFUSED
+        assert job.encoded is not None, "the front prepares every job first"
         max_new_tokens = self.max_new_tokens(job)
-        if job.encoded is None:
-            try:
-                job.encoded = self.encoder.encode(job.request, max_new_tokens)
-            except EngineError as error:
-                job.send(error)
-                return Admission.REFUSED
-            except Exception as error:
-                log.exception("preparing a request failed")
-                job.send(error)
-                return Admission.REFUSED
         temperature = job.request.temperature
         temperature = self.settings.temperature if temperature is None else temperature
         request = Request(

@@ -13,7 +13,7 @@ from typing import Any
 
 from .conversation import Conversation, without_oldest_exchange
 from .core import Admission
-from .engine import EngineError, PromptTooLong
+from .engine import PromptTooLong
 from .generic import GenericPrompt, GenericRow, GenericRunner, context_length, encode_generic, generic_prompt
 from .jobs import DONE, Job, release_gpu_memory
 from .loading import LoadedModel
@@ -69,6 +69,10 @@ class GenericCore:
             f"{self.context - max_new_tokens} before answering; try fewer images or a shorter question"
         )
 
+    def prepare(self, job: Job) -> None:
+        """The job's prompt (``job.encoded``); raises ``EngineError`` when it is too long."""
+        job.encoded = self._prompt(job, job.request.max_new_tokens or self.settings.max_new_tokens)
+
     def add(self, job: Job) -> Admission:
         if job.cancelled.is_set():
             return Admission.REFUSED
@@ -77,15 +81,8 @@ class GenericCore:
         if self._batch and temperature != self._temperature:
             return Admission.LATER  # one temperature per generate call
         max_new_tokens = job.request.max_new_tokens or self.settings.max_new_tokens
-        try:
-            prompt = self._prompt(job, max_new_tokens)
-        except EngineError as error:
-            job.send(error)
-            return Admission.REFUSED
-        except Exception as error:
-            log.exception("preparing a request failed")
-            job.send(error)
-            return Admission.REFUSED
+        prompt = job.encoded
+        assert isinstance(prompt, GenericPrompt), "the front prepares every job first"
         pieces = TextPieces(self.loaded.tokenizer, job.send)
 
         def end() -> None:

@@ -32,8 +32,8 @@ class Job:
     pieces: asyncio.Queue[Any] = field(default_factory=asyncio.Queue)
     cancelled: threading.Event = field(default_factory=threading.Event)
     position: int | None = None
-    # The prompt as model inputs (on the CPU), made once on the worker thread.
-    encoded: dict[str, torch.Tensor] | None = None
+    # The prompt as the core takes it (model inputs on the CPU), made once by ``core.prepare``.
+    encoded: Any = None
 
     def send(self, item: Any) -> None:
         """Hand an item to the waiting coroutine; safe from the worker thread."""

@@ -101,6 +101,11 @@ class SlotCache:
         """The first ``length`` positions of these rows (rows x heads x length x dim)."""
         return self.keys[layer][rows, :, :length], self.values[layer][rows, :, :length]
 
+    def read_rows(self, layer: int, first: int, rows: int, length: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Consecutive slots ``first .. first + rows - 1`` (no copy)."""
+        end = first + rows
+        return self.keys[layer][first:end, :, :length], self.values[layer][first:end, :, :length]
+
     def read_slot(self, layer: int, slot: int, length: int) -> tuple[torch.Tensor, torch.Tensor]:
         """One slot's first ``length`` positions (1 x heads x length x dim), without a copy."""
         return self.keys[layer][slot : slot + 1, :, :length], self.values[layer][slot : slot + 1, :, :length]

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import concurrent.futures
 import logging
 import threading
 import time
@@ -38,6 +39,8 @@ class ServingCore(Protocol):
     def running(self) -> int: ...
 
     def has_room(self) -> bool: ...
+
+    def prepare(self, job: Job) -> None: ...
 
     @property
     def room(self) -> int:
@@ -92,6 +95,9 @@ class LocalEngine:
         self._loaded: LoadedModel | None = None
         self._core: ServingCore | None = None
         self._room = 0  # requests that could start at once (for places in line)
+        # Encoding prompts (image crops, tokens) is CPU work: one thread of its own, so the
+        # model's thread keeps stepping meanwhile (and one at a time: processors keep state).
+        self._preparing = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="inference-prepare")
         # How long the warm-up took at start-up (None: none ran).
         self.warm_up_seconds: float | None = None
 
@@ -141,6 +147,7 @@ class LocalEngine:
         if thread is not None and thread.is_alive():
             await asyncio.to_thread(thread.join, 5)  # a step or two; a model still loading is abandoned
         self._fail_waiting(EngineClosed("the bot is shutting down"))
+        self._preparing.shutdown(wait=False, cancel_futures=True)
         self._core = None  # the KV cache goes with it
         self._loaded = None
         release_gpu_memory()
@@ -152,7 +159,17 @@ class LocalEngine:
             build_prompt(request.conversation)  # a malformed conversation fails here, at once
         except PromptError as error:
             raise EngineError(str(error)) from error
-        job = Job(request, asyncio.get_running_loop())
+        loop = asyncio.get_running_loop()
+        job = Job(request, loop)
+        core = self._core
+        if core is not None:  # else the worker prepares it once the model is up
+            try:
+                await loop.run_in_executor(self._preparing, core.prepare, job)
+            except EngineError:
+                raise
+            except Exception as error:
+                log.exception("preparing a request failed")
+                raise GenerationError(f"generation failed: {error}") from error
         with self._lock:
             self._waiting.append(job)
             self._lock.notify()
@@ -256,6 +273,20 @@ class LocalEngine:
             if not core.idle:
                 core.step()
 
+    def _prepare(self, core: ServingCore, job: Job) -> bool:
+        """Prepare a job that came in before the model was up (on the preparing thread, where
+        every prompt is encoded); on failure tell its asker."""
+        try:
+            self._preparing.submit(core.prepare, job).result()
+        except EngineError as error:
+            job.send(error)
+            return False
+        except Exception as error:
+            log.exception("preparing a request failed")
+            job.send(error)
+            return False
+        return True
+
     def _admit(self, core: ServingCore) -> None:
         """Waiting requests into the core while it has room, in order."""
         took = False
@@ -265,6 +296,8 @@ class LocalEngine:
                     break
                 job = self._waiting.popleft()
             took = True
+            if job.encoded is None and not self._prepare(core, job):
+                continue
             outcome = core.add(job)
             if outcome.name == "LATER":
                 with self._lock:

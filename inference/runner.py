@@ -3,11 +3,11 @@
 A decode step is one forward of the model's own ``Phi3Model`` (attention through
 ``slot_attention``) over the BUSY rows only, each attending over the positions it has
 filled: the step's shape is (busy rows, length), where length covers the longest busy row.
-Eager (the CPU, or COMPILE off) both are exact, so one row's step costs one row. Compiled
-(COMPILE; CUDA graphs on CUDA) both are rounded up to buckets (rows 1, 2, 4, 8, 16...;
-lengths a multiple of ``length_bucket``) so that shapes repeat and graphs replay; the
-padding rows write to the cache's scratch row. The prefill runs eagerly, one chunk of one
-prompt at a time, the chunk's K/V written into its slot.
+Eager (COMPILE off) and compiled on the CPU (inductor, symbolic shapes) both are exact, so
+one row's step costs one row. With CUDA graphs (COMPILE on CUDA) both are rounded up to
+buckets (rows 1, 2, 4, 8, 16...; lengths a multiple of ``length_bucket``) so that shapes
+repeat and graphs replay; the padding rows write to the cache's scratch row. The prefill
+runs eagerly, one chunk of one prompt at a time, the chunk's K/V written into its slot.
 """
 
 from __future__ import annotations
@@ -61,10 +61,13 @@ class ModelRunner:
         self.dtype = dtype
         self.pad_id = int(pad_id)
         self.compile = compile
-        self.length_bucket = max(1, int(length_bucket)) if compile else 1
         self.cache = cache
         self.window = getattr(model.config, "sliding_window", None)
-        self._row_buckets = row_buckets(cache.slots) if compile else None
+        # CUDA graphs replay fixed shapes: buckets of rows and lengths. Eager, or compiled on
+        # the CPU (one graph with symbolic shapes), every step runs its exact shape.
+        self.graphs = compile and device.type == "cuda"
+        self.length_bucket = max(1, int(length_bucket)) if self.graphs else 1
+        self._row_buckets = row_buckets(cache.slots) if self.graphs else None
         self._embed_tokens = model.get_input_embeddings()
         self._decode = self._decode_forward
         # What the last decode step ran: (rows, length), padding included.
@@ -76,8 +79,8 @@ class ModelRunner:
             dynamo_config.recompile_limit = max(dynamo_config.recompile_limit, 256)
             cache.mark_static()
             mode = "reduce-overhead" if device.type == "cuda" else None
-            # CPU: every shape from one graph (rows of 1 get their own); CUDA: graphs per shape.
-            dynamic = None if device.type == "cuda" else True
+            # CPU: every shape from one graph (rows of 1 get their own); CUDA: graphs per bucket.
+            dynamic = None if self.graphs else True
             self._decode = torch.compile(self._decode_forward, mode=mode, fullgraph=True, dynamic=dynamic)
 
     # --- prefill -------------------------------------------------------------------------
@@ -137,11 +140,13 @@ class ModelRunner:
             raise ValueError("a slot ran past the end of the KV cache")
         rows, length = self.decode_shape(len(slots), max(positions) + 1)
         padding = rows - len(slots)
+        consecutive = not self.compile and slots == list(range(slots[0], slots[0] + len(slots)))
         logits = self._run(
             [*slots, *[self.cache.scratch] * padding],
             [*tokens, *[self.pad_id] * padding],
             [*positions, *[0] * padding],
             length,
+            first=slots[0] if consecutive else None,
         )[: len(slots)]
         for slot in slots:
             self.cache.advance(slot, 1)
@@ -152,18 +157,28 @@ class ModelRunner:
         for the warm-up; no slot changes."""
         self._run([self.cache.scratch] * rows, [self.pad_id] * rows, [length - 1] * rows, length)
 
-    def _run(self, slots: list[int], tokens: list[int], positions: list[int], length: int) -> torch.Tensor:
+    @torch.inference_mode()  # inputs made inside it too: a compiled graph guards on that
+    def _run(
+        self, slots: list[int], tokens: list[int], positions: list[int], length: int, first: int | None = None
+    ) -> torch.Tensor:
         self.last_decode_shape = (len(slots), length)
         ids = torch.tensor(tokens, dtype=torch.long)[:, None].to(self.device)
         rows = torch.tensor(slots, dtype=torch.long).to(self.device)
         where = torch.tensor(positions, dtype=torch.long).to(self.device)
         mask = decode_mask(where, length, self.window)
-        with torch.inference_mode():
+        if first is None:
             logits = self._decode(ids, rows, where, mask)
-            return logits.float().clone()  # a CUDA graph's output is overwritten by its next replay
+        else:
+            logits = self._decode_forward(ids, rows, where, mask, first)
+        return logits.float().clone()  # a CUDA graph's output is overwritten by its next replay
 
     def _decode_forward(
-        self, ids: torch.Tensor, rows: torch.Tensor, positions: torch.Tensor, mask: torch.Tensor
+        self,
+        ids: torch.Tensor,
+        rows: torch.Tensor,
+        positions: torch.Tensor,
+        mask: torch.Tensor,
+        first: int | None = None,
     ) -> torch.Tensor:
         hidden = self.model.model(
             inputs_embeds=self._embed_tokens(ids),
@@ -173,5 +188,6 @@ class ModelRunner:
             slot_cache=self.cache,
             slot_rows=rows,
             slot_positions=positions,
+            slot_first=first,
         ).last_hidden_state
         return self.model.lm_head(hidden[:, -1])

@@ -36,6 +36,7 @@ def _slot_attention(fallback: Any) -> Any:
         slot_cache: SlotCache | None = None,
         slot_rows: torch.Tensor | None = None,
         slot_positions: torch.Tensor | None = None,
+        slot_first: int | None = None,
         slot_index: int | None = None,
         slot_start: int = 0,
         scaling: float | None = None,
@@ -47,7 +48,12 @@ def _slot_attention(fallback: Any) -> Any:
         if slot_index is None:  # decode: one token per row, rows gathered from their slots
             assert slot_rows is not None and slot_positions is not None and attention_mask is not None
             slot_cache.write_tokens(layer, slot_rows, slot_positions, key, value)
-            keys, values = slot_cache.read(layer, slot_rows, attention_mask.shape[-1])
+            if slot_first is None:
+                keys, values = slot_cache.read(layer, slot_rows, attention_mask.shape[-1])
+            else:  # consecutive slots (eager): a view, no gather
+                keys, values = slot_cache.read_rows(
+                    layer, slot_first, query.shape[0], attention_mask.shape[-1]
+                )
         else:  # a prefill chunk of one slot
             slot_cache.write_span(layer, slot_index, slot_start, key, value)
             keys, values = slot_cache.read_slot(layer, slot_index, slot_start + query.shape[2])

@@ -2,7 +2,8 @@
 
 Compiled (COMPILE; CUDA graphs on CUDA), the first decode step of a new shape compiles or
 records a graph: seconds to tens of seconds for a 4B model. The warm-up runs every shape
-the settings allow (the runner's row buckets x length buckets of the usual cache), on the
+the settings allow (with CUDA graphs, the runner's row buckets x length buckets of the
+usual cache; on the CPU, one graph of symbolic shapes: one row and two rows), on the
 cache's scratch row, so no question waits for it; compiled artefacts are kept on disk
 (COMPILE_CACHE_DIR) for the next start. If compiling fails the engine decodes eagerly (one
 log line). Eager, one step checks the model runs. The usual cache's slots hold a question
@@ -45,6 +46,9 @@ def warm_up_shapes(runner: ModelRunner) -> list[tuple[int, int]]:
     cache = runner.cache
     if not runner.compile:
         return [(1, 1)]
+    if not runner.graphs:  # one graph of symbolic shapes; one row is its own specialisation
+        length = min(64, cache.length)
+        return sorted({(1, length), (min(2, cache.slots), length)})
     lengths = range(runner.length_bucket, cache.length + 1, runner.length_bucket)
     return [(rows, length) for rows in row_buckets(cache.slots) for length in lengths]
 

@@ -15,6 +15,7 @@ import contextlib
 import logging
 from collections.abc import AsyncIterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -186,14 +187,18 @@ async def test_one_busy_row_among_sixteen_slots_reads_one_rows_positions(
     tiny_model_dir: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     reads: list[tuple[int, ...]] = []
-    read = SlotCache.read
 
-    def recording_read(self: SlotCache, layer: int, rows: torch.Tensor, length: int) -> object:
-        keys, values = read(self, layer, rows, length)
-        reads.append(tuple(keys.shape))
-        return keys, values
+    def recording(read: Any) -> Any:
+        def recording_read(self: SlotCache, *args: Any) -> Any:
+            keys, values = read(self, *args)
+            reads.append(tuple(keys.shape))
+            return keys, values
 
-    monkeypatch.setattr(SlotCache, "read", recording_read)
+        return recording_read
+
+    # What decode steps read of the cache: gathered rows, or consecutive slots as a view.
+    monkeypatch.setattr(SlotCache, "read", recording(SlotCache.read))
+    monkeypatch.setattr(SlotCache, "read_rows", recording(SlotCache.read_rows))
     settings = settings_for(tiny_model_dir, max_batch_size=16, max_batch_tokens=16 * 256)
     request = ask(conversation(1), 10)
     async with running(settings) as engine:
