@@ -76,13 +76,15 @@ class NeverStop:
     ``max_new_tokens``, as ``generate`` does with ``min_new_tokens``."""
 
     def __init__(self, stop_token_ids: list[int]) -> None:
-        self._stops = list(stop_token_ids)
+        self._stops = torch.tensor(stop_token_ids, dtype=torch.long)
 
     def begin(self, request: GenerationRequest, prompt_ids: list[int]) -> NeverStop:
         return self
 
     def steer(self, step: int, logits: torch.Tensor) -> None:
-        logits[self._stops] = float("-inf")
+        if self._stops.device != logits.device:
+            self._stops = self._stops.to(logits.device)  # once: no host-to-device copy per step
+        logits.index_fill_(0, self._stops, float("-inf"))
 
 
 def picture() -> Image.Image:

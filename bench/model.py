@@ -1,8 +1,9 @@
 """The model every measurement uses, the picture it is asked about, and how one request is timed.
 
-By default the tiny native Phi-3-vision of ``tests.tiny_model`` is built into a temp dir with
-the real processor's numbers (336-pixel crops, 144 features per crop: a 1280x720 picture at 16
-crops is a 2,377-token prompt, as with the real model). Its engines get one scripted rule
+By default the tiny native Phi-3-vision of ``tests.tiny_model`` is built into a temp dir: for
+the generate-vs-engine section with the real processor's numbers (336-pixel crops, 144
+features per crop: a 1280x720 picture at 16 crops is a 2,380-token prompt with its question,
+as with the real model), for the others with tiny crops. Its engines get one scripted rule
 (``tests.scripted``, steering the real model's token choice): `OVERHEAD_QUESTION` is answered
 with `OVERHEAD_REPLY`, sleeping so that the whole answer takes `SCRIPTED_SECONDS`. Any other
 question gets the random weights' clean text until ``max_new_tokens`` (it never stops early),
@@ -66,9 +67,13 @@ class BenchModel:
         return ScriptedReplies(list(self.script), self.model_id)
 
 
-def build_tiny(directory: Path, device: str) -> BenchModel:
-    """Build the tiny model (real image shapes) and the overhead rule, timed so the reply
-    takes SCRIPTED_SECONDS."""
+def build_tiny(directory: Path, device: str, *, real_image_shapes: bool = False) -> BenchModel:
+    """Build the tiny model and the overhead rule, timed so the reply takes SCRIPTED_SECONDS.
+
+    ``real_image_shapes``: the real processor's numbers (a 1280x720 picture at 16 crops is a
+    2,380-token prompt), for the generate-vs-engine section; else tiny crops (a picture is a
+    few dozen tokens), so that the other sections measure the bot and batching, not prefill.
+    """
     from tests.tiny_model import build_tiny_model
     from tests.tiny_model.builder import build_tokenizer
 
@@ -78,7 +83,7 @@ def build_tiny(directory: Path, device: str) -> BenchModel:
     seconds_per_token = SCRIPTED_SECONDS / steps
     rule = {"when": OVERHEAD_QUESTION, "reply": OVERHEAD_REPLY, "seconds_per_token": seconds_per_token}
     started = time.perf_counter()
-    build_tiny_model(directory, real_image_shapes=True)
+    build_tiny_model(directory, real_image_shapes=real_image_shapes)
     log.info(
         "built the tiny model in %.1f s at %s (scripted reply: %d steps x %.3f s)",
         time.perf_counter() - started,
