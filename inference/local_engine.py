@@ -47,6 +47,11 @@ class ServingCore(Protocol):
         """How many more requests could start now."""
         ...
 
+    @property
+    def decoding(self) -> str:
+        """How it generates: "eager", "compiled" or "generic"."""
+        ...
+
     def add(self, job: Job) -> Any: ...
 
     def step(self) -> None: ...
@@ -111,11 +116,8 @@ class LocalEngine:
 
     @property
     def decoding(self) -> str:
-        """How answers are generated: "eager", "compiled" or "generic"."""
-        core = self._core
-        if core is None or not hasattr(core, "compile"):
-            return "generic"
-        return "compiled" if core.compile else "eager"  # type: ignore[attr-defined]
+        """How answers are generated: "eager", "compiled" or "generic" ("" before the start)."""
+        return "" if self._core is None else self._core.decoding
 
     @property
     def joined_running(self) -> int:
