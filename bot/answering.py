@@ -185,22 +185,12 @@ async def _until_deadline(
             if deadline is None and started.is_set():
                 deadline = loop.time() + seconds
             remaining = None if deadline is None else max(0.0, deadline - loop.time())
-            # Not asyncio.wait_for: before 3.12 it swallows a cancel (the Cancel button) that
-            # arrives just as a piece does.
-            next_piece = asyncio.ensure_future(anext(pieces))
             try:
-                await asyncio.wait((next_piece,), timeout=remaining)
-            finally:
-                if not next_piece.done():
-                    next_piece.cancel()
-                    with contextlib.suppress(asyncio.CancelledError, StopAsyncIteration):
-                        await next_piece
-            if next_piece.cancelled():
-                raise GenerationTimeout
-            try:
-                piece = next_piece.result()
+                piece = await asyncio.wait_for(anext(pieces), remaining)
             except StopAsyncIteration:
                 return
+            except asyncio.TimeoutError:
+                raise GenerationTimeout from None
             if deadline is None:
                 deadline = loop.time() + seconds
             yield piece
