@@ -45,8 +45,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument(
         "--gpu",
         action="store_true",
-        help="the real model's shapes on CUDA: needs --hub-files; runs the plain vs fast path "
-        "comparison unless --only says otherwise",
+        help="the real model's shapes on CUDA: needs --hub-files; runs HF generate vs the engine "
+        "with CUDA graphs unless --only says otherwise",
     )
     parser.add_argument(
         "--hub-files",
@@ -59,10 +59,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         "--layers", type=int, default=None, help="with --hub-files: keep only this many layers (smoke runs)"
     )
     parser.add_argument(
-        "--fast-path",
-        choices=("auto", "on", "off"),
+        "--max-new-tokens",
+        type=int,
         default=None,
-        help="FAST_PATH for the throughput engines (default: the setting's own default, auto)",
+        help="fastpath: tokens per answer (default 128, 64 with --quick)",
     )
     args = parser.parse_args(argv)
     if args.gpu:
@@ -104,6 +104,7 @@ async def run(args: argparse.Namespace, sections: tuple[str, ...]) -> dict[str, 
     from .soak import SoakConfig, measure_soak
     from .throughput import ThroughputConfig, measure_throughput
 
+    real_model = None
     if args.hub_files is not None:
         directory = Path(tempfile.mkdtemp(prefix="seebot-bench-random-"))
         dtype = torch.bfloat16 if args.device.startswith("cuda") else torch.float32
@@ -113,14 +114,21 @@ async def run(args: argparse.Namespace, sections: tuple[str, ...]) -> dict[str, 
         model = BenchModel(str(directory), args.device, tiny=False)
     elif args.model is None:
         model = build_tiny(Path(tempfile.mkdtemp(prefix="seebot-bench-tiny-")), args.device)
+        if "fastpath" in sections:  # real prompt lengths for generate vs the engine
+            directory = Path(tempfile.mkdtemp(prefix="seebot-bench-tiny-real-"))
+            real_model = build_tiny(directory, args.device, real_image_shapes=True)
     else:
         model = BenchModel(args.model, args.device, tiny=False)
+    real_model = real_model or model
     quick = args.quick
+    on_gpu = args.device.startswith("cuda")
     fast_path = FastPathConfig(
-        max_new_tokens=128,
+        max_new_tokens=args.max_new_tokens or (64 if quick else 128),
         concurrency=(1, 4, 8, 16),
         requests_per_client=1 if quick else 3,
         alone_runs=2 if quick else 5,
+        # On a GPU the engine runs with CUDA graphs (eager decoding is for the CPU and COMPILE=off).
+        modes=("engine, compiled",) if on_gpu else ("engine, eager", "engine, compiled"),
     )
     lag = LagConfig(
         generations=2 if quick else 8,
@@ -141,7 +149,7 @@ async def run(args: argparse.Namespace, sections: tuple[str, ...]) -> dict[str, 
     results: dict[str, Any] = {
         "machine": machine_info(args.device),
         "config": {
-            "model": "tiny (tests.tiny_model, built offline)"
+            "model": "tiny (tests.tiny_model, built offline; real image shapes for generate vs the engine)"
             if model.tiny
             else f"random weights from {args.hub_files}" + (f", {args.layers} layers" if args.layers else "")
             if args.hub_files
@@ -163,10 +171,10 @@ async def run(args: argparse.Namespace, sections: tuple[str, ...]) -> dict[str, 
         results["overhead"] = await measure_overhead(model, overhead)
     if "throughput" in sections:
         log.info("measuring throughput")
-        results["throughput"] = await measure_throughput(model, throughput, fast_path=args.fast_path)
+        results["throughput"] = await measure_throughput(model, throughput)
     if "fastpath" in sections:
-        log.info("measuring the plain path against the fast path")
-        results["fast_path"] = await measure_fast_path(model, fast_path)
+        log.info("measuring HF generate against the engine")
+        results["fast_path"] = await measure_fast_path(real_model, fast_path)
     if "soak" in sections:
         if not model.tiny:
             raise SystemExit("the soak runs with the tiny model only (its answers repeat the questions)")

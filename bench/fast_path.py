@@ -1,18 +1,20 @@
-"""Plain path vs fast path, in one run: decode speed, throughput, first token, memory, warm-up.
+"""HF ``generate`` vs the engine (eager, compiled), in one run, on real prompt lengths.
 
-Three engines answer the same questions about one 1280x720 picture, one after another:
+The same native model answers the same questions (one 1280x720 picture at 16 crops: 2,377
+prompt tokens with the real processor's numbers; and text only), every answer exactly
+``max_new_tokens`` long (``generate`` with ``min_new_tokens``, the engine with a steering
+that bans the stop tokens), greedy:
 
-- *plain*: the remote model's own ``generate`` (``FAST_PATH=off``), micro-batched;
-- *fast, eager*: native Phi-3 + continuous batching (``FAST_PATH=on COMPILE=off``);
-- *fast, compiled*: the same with the decode step compiled (``COMPILE=on``: CUDA graphs on
-  CUDA, inductor alone on the CPU), after its warm-up at start-up.
+- *generate*: ``model.generate`` one request at a time (the cookbook's way, natively);
+- *engine, eager*: the engine (continuous batching) with ``COMPILE=off``;
+- *engine, compiled*: ``COMPILE=on`` (CUDA graphs per bucket on CUDA, inductor on the CPU),
+  after its warm-up.
 
-For each: the time to start (load + warm-up; the warm-up alone as the engine measured it),
-the time to the first piece of one request alone (median), the decode speed of one request
-alone (tokens after the first / time after the first piece, median), then total tokens/s at
-1, 4, 8 and 16 concurrent clients whose requests arrive at random times (each client starts
-at a random moment and pauses a random, exponentially distributed while between requests;
-seeded, so every engine gets the same arrivals), with the CUDA peak memory of each row.
+For each: the start (load + warm-up) and the warm-up alone; alone, the time to the first
+token and the decode speed (tokens after the first / time after the first, median); then
+total tokens/s at 1, 4, 8 and 16 concurrent clients arriving at random times (seeded: every
+engine gets the same arrivals), with the CUDA peak memory of each row. ``generate`` serves
+one request at a time, so its tokens/s is its one-at-a-time rate whatever the concurrency.
 """
 
 from __future__ import annotations
@@ -27,22 +29,21 @@ from typing import Any
 
 import torch
 from PIL import Image
+from transformers.generation.streamers import BaseStreamer
 
-from inference import GenerationRequest
-from inference.conversation import build_prompt
-from inference.fast_path import cache_length
+from inference import Conversation, GenerationRequest, InferenceSettings
+from inference.loading import LoadedModel, load_model
 from inference.local_engine import LocalEngine
+from inference.prompt_inputs import PromptEncoder
+from inference.runner import round_up
 
 from . import stats
-from .model import BenchModel, chart_image, question, running_engine, timed_request
+from .model import BenchModel, chart_image, running_engine, timed_request
 
 log = logging.getLogger(__name__)
 
-MODES = (
-    ("plain", {"fast_path": "off"}),
-    ("fast, eager", {"fast_path": "on", "compile": "off"}),
-    ("fast, compiled", {"fast_path": "on", "compile": "on"}),
-)
+ENGINE_MODES = (("engine, eager", "off"), ("engine, compiled", "on"))
+KINDS = ("one image", "text only")
 PICTURE_SIZE = (1280, 720)
 MAX_ROWS = 16
 
@@ -54,10 +55,12 @@ class FastPathConfig:
     requests_per_client: int
     alone_runs: int  # requests alone, for the first-token time and the decode speed
     seed: int = 0
+    modes: tuple[str, ...] = tuple(name for name, _ in ENGINE_MODES)  # engine modes to run
 
 
 @dataclass(frozen=True)
 class LoadRow:
+    kind: str
     concurrency: int
     requests: int
     tokens: int
@@ -68,35 +71,34 @@ class LoadRow:
     peak_memory_gib: float | None
 
 
+class NeverStop:
+    """A steering (inference/steering.py) that bans the stop tokens: every answer runs to
+    ``max_new_tokens``, as ``generate`` does with ``min_new_tokens``."""
+
+    def __init__(self, stop_token_ids: list[int]) -> None:
+        self._stops = torch.tensor(stop_token_ids, dtype=torch.long)
+
+    def begin(self, request: GenerationRequest, prompt_ids: list[int]) -> NeverStop:
+        return self
+
+    def steer(self, step: int, logits: torch.Tensor) -> None:
+        if self._stops.device != logits.device:
+            self._stops = self._stops.to(logits.device)  # once: no host-to-device copy per step
+        logits.index_fill_(0, self._stops, float("-inf"))
+
+
 def picture() -> Image.Image:
     return chart_image().resize(PICTURE_SIZE)
 
 
-def _ask(n: int, image: Image.Image, max_new_tokens: int) -> GenerationRequest:
-    return question(f"What does picture {n} show? Describe it in detail.", image, max_new_tokens)
-
-
-def _count_tokens(engine: LocalEngine, model: BenchModel, text: str, max_new_tokens: int) -> int:
-    """Exact for the tiny model (its unscripted answers never stop early); re-encoded otherwise."""
-    if model.tiny:
-        return max_new_tokens
-    loaded = engine.loaded
-    assert loaded is not None
-    return len(loaded.tokenizer(text, add_special_tokens=False)["input_ids"])
-
-
-def _prompt_tokens(engine: LocalEngine, request: GenerationRequest) -> int:
-    loaded = engine.loaded
-    assert loaded is not None
-    images = list(request.conversation.images)
-    encoded = loaded.processor(build_prompt(request.conversation), images or None, return_tensors="pt")
-    return int(encoded["input_ids"].shape[1])
+def ask(kind: str, n: int, max_new_tokens: int) -> GenerationRequest:
+    text = f"What does picture {n} show? Describe it in detail."
+    images = [picture()] if kind == "one image" else []
+    return GenerationRequest(Conversation.single(text, images), max_new_tokens=max_new_tokens)
 
 
 def _peak_memory_gib(device: str) -> float | None:
-    if not device.startswith("cuda"):
-        return None
-    return torch.cuda.max_memory_allocated() / 2**30
+    return torch.cuda.max_memory_allocated() / 2**30 if device.startswith("cuda") else None
 
 
 def _reset_peak_memory(device: str) -> None:
@@ -105,35 +107,108 @@ def _reset_peak_memory(device: str) -> None:
         torch.cuda.reset_peak_memory_stats()
 
 
-async def _alone(
-    engine: LocalEngine, model: BenchModel, image: Image.Image, config: FastPathConfig
+# --- HF generate, one request at a time ------------------------------------------------------
+
+
+class _Clock(BaseStreamer):
+    """When each new token came (``generate`` hands the prompt over first)."""
+
+    def __init__(self) -> None:
+        self.times: list[float] = []
+        self._prompt = True
+
+    def put(self, value: torch.Tensor) -> None:
+        if self._prompt:
+            self._prompt = False
+            return
+        self.times.append(time.perf_counter())
+
+    def end(self) -> None:
+        pass
+
+
+def _generate_once(
+    loaded: LoadedModel, encoder: PromptEncoder, request: GenerationRequest
+) -> tuple[float, float]:
+    """(seconds to the first token, seconds in all) of one ``generate`` call."""
+    max_new_tokens = int(request.max_new_tokens or 1)
+    started = time.perf_counter()  # the prompt's encoding counts, as it does for the engine
+    inputs = encoder.encode(request, max_new_tokens)
+    on_device = {name: tensor.to(loaded.device) for name, tensor in inputs.items()}
+    if "pixel_values" in on_device:
+        on_device["pixel_values"] = on_device["pixel_values"].to(loaded.dtype)
+    clock = _Clock()
+    with torch.inference_mode():
+        loaded.model.generate(
+            **on_device,
+            attention_mask=torch.ones_like(on_device["input_ids"]),
+            max_new_tokens=max_new_tokens,
+            min_new_tokens=max_new_tokens,
+            do_sample=False,
+            eos_token_id=loaded.stop_token_ids,
+            pad_token_id=loaded.tokenizer.pad_token_id,
+            streamer=clock,
+        )
+    return clock.times[0] - started, time.perf_counter() - started
+
+
+def _measure_generate(
+    loaded: LoadedModel, settings: InferenceSettings, config: FastPathConfig, device: str
 ) -> dict[str, Any]:
-    first_pieces: list[float] = []
-    decode_rates: list[float] = []
+    encoder = PromptEncoder(loaded.processor, settings, None)
+    result: dict[str, Any] = {"mode": "generate", "decoding": "HF generate, one at a time"}
+    for kind in KINDS:
+        _generate_once(loaded, encoder, ask(kind, 999, 4))  # warm-up
+        _reset_peak_memory(device)
+        firsts, rates, totals = [], [], []
+        for n in range(config.alone_runs):
+            first, total = _generate_once(loaded, encoder, ask(kind, n, config.max_new_tokens))
+            firsts.append(first)
+            totals.append(total)
+            rates.append((config.max_new_tokens - 1) / (total - first))
+        one_at_a_time = config.max_new_tokens * len(totals) / sum(totals)
+        result[kind] = {
+            "first_piece_s": stats.summary(firsts),
+            "decode_tokens_per_s": stats.summary(rates),
+            "rows": [
+                asdict(
+                    LoadRow(
+                        kind,
+                        concurrency,
+                        len(totals),
+                        config.max_new_tokens * len(totals),
+                        sum(totals),
+                        one_at_a_time,
+                        stats.percentile(firsts, 50),
+                        stats.percentile(totals, 50),
+                        _peak_memory_gib(device),
+                    )
+                )
+                for concurrency in config.concurrency
+            ],
+        }
+        log.info(
+            "generate, %s: decode %.0f tokens/s alone", kind, result[kind]["decode_tokens_per_s"]["median"]
+        )
+    return result
+
+
+# --- the engine ----------------------------------------------------------------------------
+
+
+async def _alone(engine: LocalEngine, kind: str, config: FastPathConfig) -> dict[str, Any]:
+    firsts: list[float] = []
+    rates: list[float] = []
     for n in range(config.alone_runs):
-        pieces: list[float] = []
-        text: list[str] = []
-        started = time.perf_counter()
-        async for piece in engine.stream(_ask(n, image, config.max_new_tokens)):
-            pieces.append(time.perf_counter())
-            text.append(piece)
-        tokens = _count_tokens(engine, model, "".join(text), config.max_new_tokens)
-        first_pieces.append(pieces[0] - started)
-        if len(pieces) > 1 and tokens > 1:
-            decode_rates.append((tokens - 1) / (pieces[-1] - pieces[0]))
-    return {
-        "first_piece_s": stats.summary(first_pieces),
-        "decode_tokens_per_s": stats.summary(decode_rates) if decode_rates else None,
-    }
+        timed = await timed_request(engine, ask(kind, n, config.max_new_tokens))
+        assert timed.first_piece is not None
+        firsts.append(timed.first_piece - timed.started)
+        rates.append((config.max_new_tokens - 1) / (timed.ended - timed.first_piece))
+    return {"first_piece_s": stats.summary(firsts), "decode_tokens_per_s": stats.summary(rates)}
 
 
 async def _load_row(
-    engine: LocalEngine,
-    model: BenchModel,
-    image: Image.Image,
-    concurrency: int,
-    config: FastPathConfig,
-    pause_s: float,
+    engine: LocalEngine, kind: str, concurrency: int, config: FastPathConfig, pause_s: float, device: str
 ) -> LoadRow:
     """``concurrency`` clients, arriving at random times (the same ones for every engine)."""
     rng = random.Random(config.seed * 1000 + concurrency)
@@ -143,24 +218,23 @@ async def _load_row(
     ]
     first_pieces: list[float] = []
     latencies: list[float] = []
-    tokens = 0
 
     async def client(number: int, start: float, pauses: list[float]) -> None:
-        nonlocal tokens
         await asyncio.sleep(start)
         for n, pause in enumerate(pauses):
-            timed = await timed_request(engine, _ask(number * 100 + n, image, config.max_new_tokens))
+            timed = await timed_request(engine, ask(kind, number * 100 + n, config.max_new_tokens))
             latencies.append(timed.total)
             if timed.to_first_piece is not None:
                 first_pieces.append(timed.to_first_piece)
-            tokens += _count_tokens(engine, model, timed.text, config.max_new_tokens)
             await asyncio.sleep(pause)
 
-    _reset_peak_memory(model.device)
+    _reset_peak_memory(device)
     started = time.perf_counter()
     await asyncio.gather(*(client(n, start, pauses) for n, (start, pauses) in enumerate(plans)))
     wall = time.perf_counter() - started
+    tokens = config.max_new_tokens * len(latencies)
     return LoadRow(
+        kind=kind,
         concurrency=concurrency,
         requests=len(latencies),
         tokens=tokens,
@@ -168,77 +242,83 @@ async def _load_row(
         tokens_per_s=tokens / wall,
         first_piece_p50_s=stats.percentile(first_pieces, 50),
         latency_p50_s=stats.percentile(latencies, 50),
-        peak_memory_gib=_peak_memory_gib(model.device),
+        peak_memory_gib=_peak_memory_gib(device),
     )
 
 
-async def _measure_mode(
-    model: BenchModel, name: str, changes: dict[str, Any], config: FastPathConfig, max_batch_tokens: int
+async def _measure_engine(
+    loaded: LoadedModel, settings: InferenceSettings, name: str, config: FastPathConfig, device: str
 ) -> dict[str, Any]:
-    image = picture()
-    settings = model.settings(
-        max_new_tokens=config.max_new_tokens,
-        max_batch_size=MAX_ROWS,
-        max_batch_tokens=max_batch_tokens,
-        **changes,
-    )
     started = time.perf_counter()
-    async with running_engine(settings) as engine:
-        start_s = time.perf_counter() - started
-        alone = await _alone(engine, model, image, config)
-        # Pauses between a client's requests: about a tenth of one answer alone.
-        decode = (alone["decode_tokens_per_s"] or {}).get("median") or 1.0
-        single = alone["first_piece_s"]["median"] + config.max_new_tokens / decode
-        rows = []
-        for concurrency in config.concurrency:
-            row = await _load_row(engine, model, image, concurrency, config, pause_s=single / 10)
-            log.info(
-                "%s x%d: %d requests, %.0f tokens/s, first piece p50 %.3f s",
-                name,
-                concurrency,
-                row.requests,
-                row.tokens_per_s,
-                row.first_piece_p50_s,
-            )
-            rows.append(asdict(row))
-        return {
+    steering = NeverStop(loaded.stop_token_ids)
+    async with running_engine(settings, steering, loader=lambda _: loaded) as engine:
+        result: dict[str, Any] = {
             "mode": name,
-            "decoding": engine.decoding,  # what it really ran (a fast path that fails falls back)
-            "start_s": start_s,
+            "decoding": engine.decoding,  # what it really ran (a failing compile decodes eagerly)
+            "start_s": time.perf_counter() - started,
             "warm_up_s": engine.warm_up_seconds,
-            **alone,
-            "rows": rows,
         }
+        for kind in KINDS:
+            alone = await _alone(engine, kind, config)
+            single = (
+                alone["first_piece_s"]["median"]
+                + config.max_new_tokens / alone["decode_tokens_per_s"]["median"]
+            )
+            rows = []
+            for concurrency in config.concurrency:
+                # Pauses between a client's requests: about a tenth of one answer alone.
+                row = await _load_row(engine, kind, concurrency, config, single / 10, device)
+                log.info("%s, %s x%d: %.0f tokens/s", name, kind, concurrency, row.tokens_per_s)
+                rows.append(asdict(row))
+            result[kind] = {**alone, "rows": rows}
+    return result
 
 
 async def measure_fast_path(model: BenchModel, config: FastPathConfig) -> dict[str, Any]:
-    # Every row of MAX_ROWS gets a slot of one question's need (prompt + answer), bucketed.
-    settings = model.settings(max_new_tokens=config.max_new_tokens)
-    async with running_engine(dataclasses.replace(settings, fast_path="off")) as probe:
-        prompt = _prompt_tokens(probe, _ask(0, picture(), config.max_new_tokens))
-    max_batch_tokens = MAX_ROWS * cache_length(prompt, config.max_new_tokens)
-    log.info("one question: %d prompt tokens; MAX_BATCH_TOKENS=%d", prompt, max_batch_tokens)
-    modes = [await _measure_mode(model, name, changes, config, max_batch_tokens) for name, changes in MODES]
-    plain = modes[0]
+    settings = model.settings(max_new_tokens=config.max_new_tokens, max_batch_size=MAX_ROWS)
+    loaded = await asyncio.to_thread(load_model, settings)
+    encoder = PromptEncoder(loaded.processor, settings, None)
+    prompt = int(
+        encoder.encode(ask("one image", 0, config.max_new_tokens), config.max_new_tokens)["input_ids"].shape[
+            1
+        ]
+    )
+    text_prompt = int(encoder.encode(ask("text only", 0, 1), 1)["input_ids"].shape[1])
+    # Every one of MAX_ROWS slots holds one picture question and its answer.
+    max_batch_tokens = MAX_ROWS * round_up(prompt + config.max_new_tokens, 256)
+    settings = model.settings(
+        max_new_tokens=config.max_new_tokens, max_batch_size=MAX_ROWS, max_batch_tokens=max_batch_tokens
+    )
+    log.info("one picture question: %d prompt tokens; MAX_BATCH_TOKENS=%d", prompt, max_batch_tokens)
+    baseline = await asyncio.to_thread(_measure_generate, loaded, settings, config, model.device)
+    modes = [baseline]
+    for name, compile_setting in ENGINE_MODES:
+        if name in config.modes:
+            changed = dataclasses.replace(settings, compile=compile_setting)
+            modes.append(await _measure_engine(loaded, changed, name, config, model.device))
     for mode in modes:
-        mode["decode_vs_plain"] = _ratio(_decode_median(mode), _decode_median(plain))
-        mode["tokens_per_s_vs_plain"] = {
-            str(row["concurrency"]): row["tokens_per_s"] / base["tokens_per_s"]
-            for row, base in zip(mode["rows"], plain["rows"], strict=True)
-        }
+        for kind in KINDS:
+            part = mode[kind]
+            part["decode_vs_generate"] = _ratio(_decode(part), _decode(baseline[kind]))
+            part["tokens_per_s_vs_generate"] = {
+                str(row["concurrency"]): row["tokens_per_s"] / base["tokens_per_s"]
+                for row, base in zip(part["rows"], baseline[kind]["rows"], strict=True)
+            }
     return {
         "max_new_tokens": config.max_new_tokens,
         "prompt_tokens": prompt,
+        "text_prompt_tokens": text_prompt,
         "picture": f"{PICTURE_SIZE[0]}x{PICTURE_SIZE[1]}",
         "max_batch_size": MAX_ROWS,
         "max_batch_tokens": max_batch_tokens,
         "requests_per_client": config.requests_per_client,
+        "kinds": list(KINDS),
         "modes": modes,
     }
 
 
-def _decode_median(mode: dict[str, Any]) -> float | None:
-    return (mode["decode_tokens_per_s"] or {}).get("median")
+def _decode(part: dict[str, Any]) -> float | None:
+    return (part.get("decode_tokens_per_s") or {}).get("median")
 
 
 def _ratio(ours: float | None, theirs: float | None) -> float | None:

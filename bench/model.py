@@ -1,9 +1,13 @@
 """The model every measurement uses, the picture it is asked about, and how one request is timed.
 
-By default the tiny offline Phi-3-vision look-alike from ``tests.tiny_model`` is built into a
-temp dir, with one scripted rule: `OVERHEAD_QUESTION` is answered with `OVERHEAD_REPLY`,
-sleeping so that the whole answer takes `SCRIPTED_SECONDS`. Any other question gets random
-clean text until ``max_new_tokens`` (it never stops early), so compute per token is real.
+By default the tiny native Phi-3-vision of ``tests.tiny_model`` is built into a temp dir: for
+the generate-vs-engine section with the real processor's numbers (336-pixel crops, 144
+features per crop: a 1280x720 picture at 16 crops is a 2,380-token prompt with its question,
+as with the real model), for the others with tiny crops. Its engines get one scripted rule
+(``tests.scripted``, steering the real model's token choice): `OVERHEAD_QUESTION` is answered
+with `OVERHEAD_REPLY`, sleeping so that the whole answer takes `SCRIPTED_SECONDS`. Any other
+question gets the random weights' clean text until ``max_new_tokens`` (it never stops early),
+so compute per token is real.
 """
 
 from __future__ import annotations
@@ -43,6 +47,7 @@ class BenchModel:
     # Tiny model only: forward passes of the scripted reply (its tokens + <|end|>), each sleeping.
     scripted_steps: int | None = None
     seconds_per_token: float | None = None
+    script: tuple[dict[str, Any], ...] = ()  # tests.scripted rules for its engines (tiny model)
 
     @property
     def overhead_question(self) -> str:
@@ -53,9 +58,22 @@ class BenchModel:
         base = InferenceSettings(model_id=self.model_id, device=self.device)
         return dataclasses.replace(base, **changes)
 
+    def steering(self) -> Any:
+        """The scripted replies' steering for this model's engines (None: no script)."""
+        if not self.script:
+            return None
+        from tests.scripted import ScriptedReplies
 
-def build_tiny(directory: Path, device: str) -> BenchModel:
-    """Build the tiny model with the overhead rule, timed so the reply takes SCRIPTED_SECONDS."""
+        return ScriptedReplies(list(self.script), self.model_id)
+
+
+def build_tiny(directory: Path, device: str, *, real_image_shapes: bool = False) -> BenchModel:
+    """Build the tiny model and the overhead rule, timed so the reply takes SCRIPTED_SECONDS.
+
+    ``real_image_shapes``: the real processor's numbers (a 1280x720 picture at 16 crops is a
+    2,380-token prompt), for the generate-vs-engine section; else tiny crops (a picture is a
+    few dozen tokens), so that the other sections measure the bot and batching, not prefill.
+    """
     from tests.tiny_model import build_tiny_model
     from tests.tiny_model.builder import build_tokenizer
 
@@ -65,7 +83,7 @@ def build_tiny(directory: Path, device: str) -> BenchModel:
     seconds_per_token = SCRIPTED_SECONDS / steps
     rule = {"when": OVERHEAD_QUESTION, "reply": OVERHEAD_REPLY, "seconds_per_token": seconds_per_token}
     started = time.perf_counter()
-    build_tiny_model(directory, script=[rule])
+    build_tiny_model(directory, real_image_shapes=real_image_shapes)
     log.info(
         "built the tiny model in %.1f s at %s (scripted reply: %d steps x %.3f s)",
         time.perf_counter() - started,
@@ -73,7 +91,7 @@ def build_tiny(directory: Path, device: str) -> BenchModel:
         steps,
         seconds_per_token,
     )
-    return BenchModel(str(directory), device, True, steps, seconds_per_token)
+    return BenchModel(str(directory), device, True, steps, seconds_per_token, (rule,))
 
 
 def chart_image() -> Image.Image:
@@ -90,8 +108,11 @@ def png_bytes(image: Image.Image) -> bytes:
 
 
 @contextlib.asynccontextmanager
-async def running_engine(settings: InferenceSettings) -> AsyncIterator[LocalEngine]:
-    engine = LocalEngine(settings)
+async def running_engine(
+    settings: InferenceSettings, steering: Any = None, **kwargs: Any
+) -> AsyncIterator[LocalEngine]:
+    """A started engine; ``steering``: see inference/steering.py; ``kwargs`` go to LocalEngine."""
+    engine = LocalEngine(settings, steering=steering, **kwargs)
     started = time.perf_counter()
     await engine.start()
     log.info(

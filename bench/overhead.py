@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import itertools
+import json
 import logging
 import os
 import subprocess
@@ -25,6 +26,7 @@ from pathlib import Path
 from typing import Any
 
 from tests.fake_discord import FakeDiscord
+from tests.scripted_bot import SCRIPT_ENV
 
 from . import stats
 from .model import BenchModel, chart_image, png_bytes, question, running_engine, timed_request
@@ -65,12 +67,21 @@ def bot_env(fake: FakeDiscord, model: BenchModel, config: OverheadConfig) -> dic
         "MAX_NEW_TOKENS": str(config.max_new_tokens),
         "STREAM_EDIT_INTERVAL_SECONDS": str(config.edit_interval),
         "LOG_LEVEL": "INFO",
+        SCRIPT_ENV: str(_script_file(model)),
     }
+
+
+def _script_file(model: BenchModel) -> Path:
+    """The model's scripted rules as tests/scripted_bot.py reads them."""
+    path = Path(tempfile.mkdtemp(prefix="seebot-bench-script-")) / "script.json"
+    path.write_text(json.dumps(list(model.script)))
+    return path
 
 
 @contextlib.asynccontextmanager
 async def running_bot(fake: FakeDiscord, env: dict[str, str]) -> AsyncIterator[Path]:
-    """`python -m bot` against the fake, in a temp dir (no `.env` found); yields its log file."""
+    """The bot (`python -m tests.scripted_bot`: `python -m bot`'s main, with the scripted
+    replies) against the fake, in a temp dir (no `.env` found); yields its log file."""
     workdir = Path(tempfile.mkdtemp(prefix="seebot-bench-bot-"))
     log_path = workdir / "bot.log"
     started = time.perf_counter()
@@ -78,7 +89,7 @@ async def running_bot(fake: FakeDiscord, env: dict[str, str]) -> AsyncIterator[P
         process = await asyncio.create_subprocess_exec(
             sys.executable,
             "-m",
-            "bot",
+            "tests.scripted_bot",
             cwd=workdir,
             env=env,
             stdin=subprocess.DEVNULL,
@@ -146,7 +157,7 @@ async def measure_overhead(model: BenchModel, config: OverheadConfig) -> dict[st
     async with FakeDiscord(heartbeat_interval_ms=HEARTBEAT_MS) as fake:
         env = bot_env(fake, model, config)
         async with (
-            running_engine(model.settings(max_new_tokens=config.max_new_tokens)) as engine,
+            running_engine(model.settings(max_new_tokens=config.max_new_tokens), model.steering()) as engine,
             running_bot(fake, env),
         ):
             channel = int((await fake.add_text_channel("bench"))["id"])

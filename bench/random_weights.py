@@ -1,14 +1,16 @@
-"""The real model's shapes without its weights: a model directory built from the hub's files
-(config, remote code, processor, tokenizer; no weights) with RANDOM weights.
+"""The real model's shapes without its weights: the hub's files with RANDOM weights, natively.
 
 Speed and memory do not depend on the weights' values, so this measures the real code path
-(the hub's remote modeling code, its image embedder, the processor's crops and token counts)
-on a machine that cannot download the 8 GB of weights. ``layers`` keeps only the first N
-language-model layers, for a smoke run on a CPU. The answers are gibberish.
+(``inference.phi3v``: the image embedding, the processor's crops and token counts, the
+language model) on a machine that cannot download the 8 GB of weights. No hub code runs: only
+the hub's config, processor and tokenizer files are read; the weights are written with the hub
+checkpoint's key names, so the directory loads exactly as the real model. ``layers`` keeps only
+the first N language-model layers, for a smoke run on a CPU. The answers are gibberish.
 """
 
 from __future__ import annotations
 
+import json
 import logging
 import shutil
 import time
@@ -31,28 +33,30 @@ HUB_FILES = (
 def build_random_weights_model(
     hub_files: Path, target: Path, *, device: str, dtype: torch.dtype, layers: int | None = None
 ) -> Path:
-    """Write ``target``: the hub files' code, config, processor and tokenizer, and random
-    weights made on ``device`` in ``dtype``, saved the way ``save_pretrained`` saves them, so
-    the engine loads it exactly as the real model."""
-    from transformers import AutoConfig, AutoModelForCausalLM
+    """Write ``target``: the hub's config, processor and tokenizer files (never its ``*.py``)
+    and random weights made on ``device`` in ``dtype``, saved as the hub checkpoint is."""
+    from inference.phi3v import Phi3VConfig, Phi3VForCausalLM, hub_state_dict, save_hub_checkpoint
 
     started = time.perf_counter()
     target.mkdir(parents=True, exist_ok=True)
-    for path in hub_files.iterdir():  # the remote code and the processor/tokenizer files
-        if path.suffix == ".py" or path.name in HUB_FILES:
-            shutil.copy(path, target / path.name)
-    config = AutoConfig.from_pretrained(target, trust_remote_code=True)
+    for name in HUB_FILES:
+        if (hub_files / name).is_file():
+            shutil.copy(hub_files / name, target / name)
     if layers is not None:
-        config.num_hidden_layers = layers
+        config_path = target / "config.json"
+        config_json = json.loads(config_path.read_text())
+        config_json["num_hidden_layers"] = layers
+        config_path.write_text(json.dumps(config_json, indent=2))
+    config = Phi3VConfig.from_pretrained(target)
     torch.manual_seed(0)
-    with torch.device(device):
-        model = AutoModelForCausalLM.from_config(
-            config, trust_remote_code=True, torch_dtype=dtype, attn_implementation="eager"
-        )
-    # As the hub's checkpoint: the image embedder's copy of the token embedding (the same
-    # tensor, shared in memory) is not stored.
-    state = {name: tensor for name, tensor in model.state_dict().items() if not name.endswith(".wte.weight")}
-    model.save_pretrained(target, state_dict=state)
+    default_dtype = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)  # made in dtype: no float32 copy of 4 billion weights first
+    try:
+        with torch.device(device):
+            model = Phi3VForCausalLM(config)
+    finally:
+        torch.set_default_dtype(default_dtype)
+    save_hub_checkpoint(hub_state_dict(model), target, max_shard_size="5GB")
     parameters = sum(p.numel() for p in model.parameters())
     del model
     if device.startswith("cuda"):

@@ -367,9 +367,9 @@ async def measure_soak(model_dir: Path | None, config: SoakConfig) -> dict[str, 
     if model_dir is None:
         from tests.tiny_model import build_tiny_model
 
-        model_dir = build_tiny_model(workdir / "tiny", script=SOAK_SCRIPT)
+        model_dir = build_tiny_model(workdir / "tiny")
     async with FakeDiscord(heartbeat_interval_ms=HEARTBEAT_MS) as fake:
-        bot = await start_bot(fake, model_dir, workdir)
+        bot = await start_bot(fake, model_dir, workdir, script=SOAK_SCRIPT)
         try:
             result = await soak_with_bot(fake, bot, config)
         finally:

@@ -123,11 +123,9 @@ async def _rows_with(
     batch_size: int,
     concurrencies: list[int],
     config: ThroughputConfig,
-    fast_path: str | None = None,
 ) -> list[Row]:
     image = chart_image()
-    extra = {} if fast_path is None else {"fast_path": fast_path}
-    settings = model.settings(max_new_tokens=config.max_new_tokens, max_batch_size=batch_size, **extra)
+    settings = model.settings(max_new_tokens=config.max_new_tokens, max_batch_size=batch_size)
     async with running_engine(settings) as engine:
         # Warm-up: a single request, then a full batch at once.
         await timed_request(engine, question("Warm up.", image, 8))
@@ -137,14 +135,11 @@ async def _rows_with(
         return [await _run_row(engine, model, mode, c, image, config) for c in concurrencies]
 
 
-async def measure_throughput(
-    model: BenchModel, config: ThroughputConfig, fast_path: str | None = None
-) -> dict[str, Any]:
-    """``fast_path``: FAST_PATH for every engine (None: the setting's default)."""
-    rows = await _rows_with(model, "one at a time", 1, list(CONCURRENCY), config, fast_path)
+async def measure_throughput(model: BenchModel, config: ThroughputConfig) -> dict[str, Any]:
+    rows = await _rows_with(model, "one at a time", 1, list(CONCURRENCY), config)
     for batch_size in sorted({batch_size_for(c) for c in CONCURRENCY}):
         concurrencies = [c for c in CONCURRENCY if batch_size_for(c) == batch_size]
-        rows += await _rows_with(model, "batched", batch_size, concurrencies, config, fast_path)
+        rows += await _rows_with(model, "batched", batch_size, concurrencies, config)
     single = {row.concurrency: row for row in rows if row.max_batch_size == 1}
     speedups = {
         str(row.concurrency): row.tokens_per_s / single[row.concurrency].tokens_per_s
@@ -153,7 +148,6 @@ async def measure_throughput(
     }
     at_8 = speedups["8"]
     return {
-        "fast_path": fast_path or "auto",
         "max_new_tokens": config.max_new_tokens,
         "rounds": config.rounds,
         "min_requests": config.min_requests,

@@ -7,11 +7,12 @@ import contextlib
 import logging
 import signal
 import sys
+from collections.abc import Callable
 
 import discord
 from dotenv import find_dotenv, load_dotenv
 
-from inference import SettingsError, create_engine
+from inference import Engine, InferenceSettings, SettingsError, create_engine
 
 from .client import create_bot
 from .discord_api import use_api_base
@@ -20,10 +21,13 @@ from .settings import BotSettings
 log = logging.getLogger("bot")
 
 
-async def run(settings: BotSettings) -> int:
+EngineFactory = Callable[[InferenceSettings], Engine]
+
+
+async def run(settings: BotSettings, engine_factory: EngineFactory = create_engine) -> int:
     if settings.api_base_url:
         use_api_base(settings.api_base_url)
-    bot = create_bot(settings, create_engine(settings.inference))
+    bot = create_bot(settings, engine_factory(settings.inference))
     loop = asyncio.get_running_loop()
     stopping: list[asyncio.Task[None]] = []  # a reference keeps the task alive
     for signal_number in (signal.SIGINT, signal.SIGTERM):
@@ -42,7 +46,8 @@ async def run(settings: BotSettings) -> int:
     return bot.exit_code
 
 
-def main() -> int:
+def main(engine_factory: EngineFactory = create_engine) -> int:
+    """``engine_factory``: how the engine is made from the settings (tests hand their own)."""
     load_dotenv(find_dotenv(usecwd=True))  # the .env of the directory you run it from
     try:
         settings = BotSettings.from_env()
@@ -55,7 +60,7 @@ def main() -> int:
         stream=sys.stderr,
     )
     try:
-        return asyncio.run(run(settings))
+        return asyncio.run(run(settings, engine_factory))
     except KeyboardInterrupt:
         return 0
 

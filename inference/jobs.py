@@ -1,9 +1,8 @@
-"""A request as the local engine's worker thread sees it, on both paths (plain and fast).
+"""A request as the asker left it with the local engine: waiting in line or running.
 
-``Job``: a request waiting in line or running, and the way back to its asker (pieces go to
-the event loop with ``call_soon_threadsafe``). ``Row``: a running job's answer so far: its
-text streamed piece by piece, ended by its own stop token or token limit, or by its asker
-leaving.
+``Job``: the request, its cancellation flag and the way back to its asker (pieces go to the
+event loop with ``call_soon_threadsafe``). The front (local_engine.py) queues jobs; the
+serving core (core.py, or generic_serving.py) runs them.
 """
 
 from __future__ import annotations
@@ -17,7 +16,6 @@ from typing import Any
 import torch
 
 from .engine import GenerationRequest
-from .pieces import TextPieces
 
 log = logging.getLogger(__name__)
 
@@ -34,9 +32,9 @@ class Job:
     pieces: asyncio.Queue[Any] = field(default_factory=asyncio.Queue)
     cancelled: threading.Event = field(default_factory=threading.Event)
     position: int | None = None
-    # The prompt as model inputs (on the CPU), made once on the worker thread.
-    encoded: dict[str, torch.Tensor] | None = None
-    # Set on the worker thread before DONE is sent: the answer stopped at its token limit.
+    # The prompt as the core takes it (model inputs on the CPU), made once by ``core.prepare``.
+    encoded: Any = None
+    # Set by the serving core before DONE is sent: the answer stopped at its token limit.
     hit_token_limit: bool = False
 
     def send(self, item: Any) -> None:
@@ -56,40 +54,6 @@ class Job:
             callback(position)
         except Exception:
             log.exception("queue position callback failed")
-
-
-@dataclass(eq=False)
-class Row:
-    """One running request: in a batched `generate` call, or in a slot of the fast path."""
-
-    job: Job
-    max_new_tokens: int
-    streamer: TextPieces
-    generated: int = 0
-    finished: bool = False
-
-    def finish(self, item: Any = DONE) -> None:
-        if self.finished:
-            return
-        self.finished = True
-        if item is DONE:
-            self.streamer.end()
-        self.job.send(item)
-
-    def accept(self, token: int, stops: set[int] | frozenset[int]) -> None:
-        """This row's next token: streamed, or the end (stop token, token limit, requester gone)."""
-        if self.finished:
-            return
-        if self.job.cancelled.is_set():
-            self.finished = True  # nobody is listening
-        elif token in stops:
-            self.finish()
-        else:
-            self.streamer.put(token)
-            self.generated += 1
-            if self.generated >= self.max_new_tokens:
-                self.job.hit_token_limit = True
-                self.finish()
 
 
 def padding_id(tokenizer: Any) -> int:

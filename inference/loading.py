@@ -1,4 +1,9 @@
-"""Loading a Phi-3-vision model and its processor onto the chosen device.
+"""Loading the model and its processor onto the chosen device.
+
+A Phi-3-vision checkpoint (``model_type: phi3_v``) loads with the project's own native classes
+(``inference.phi3v``): no code from the hub runs. Any other model goes to the generic path
+(``inference.generic``). Either way a checkpoint that cannot be loaded is one ``ModelLoadError``
+line that says what is wrong and what to do, and nothing stays half-loaded.
 
 Runs on the engine's worker thread: loading takes minutes for the real model and must not
 block the event loop.
@@ -8,7 +13,9 @@ from __future__ import annotations
 
 import importlib.util
 import logging
+import os
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -16,11 +23,12 @@ import torch
 from .engine import ModelLoadError
 from .settings import InferenceSettings
 
-__all__ = ["LoadedModel", "ModelLoadError", "load_model"]
+__all__ = ["LoadedModel", "ModelLoadError", "is_phi3v", "load_model"]
 
 log = logging.getLogger(__name__)
 
 END_OF_TURN_TOKEN = "<|end|>"
+PHI3V_MODEL_TYPE = "phi3_v"
 
 
 @dataclass
@@ -32,6 +40,8 @@ class LoadedModel:
     attention: str
     # The model ends a turn with <|end|>; the tokenizer's eos is <|endoftext|>. Stop on both.
     stop_token_ids: list[int]
+    # "phi3v": inference.phi3v's native model and processor; "generic": inference.generic's.
+    kind: str = "phi3v"
 
     @property
     def tokenizer(self) -> Any:
@@ -57,16 +67,17 @@ def resolve_dtype(setting: str, device: torch.device) -> torch.dtype:
     return getattr(torch, setting)
 
 
-def choose_attention(device: torch.device) -> str:
-    """flash_attention_2 when it can run, else eager: the model declares no sdpa support."""
-    if device.type == "cuda" and importlib.util.find_spec("flash_attn") is not None:
+def choose_attention(device: torch.device, dtype: torch.dtype = torch.bfloat16) -> str:
+    """flash_attention_2 when it can run (CUDA, half precision, flash-attn imports), else sdpa."""
+    half = dtype in (torch.bfloat16, torch.float16)
+    if device.type == "cuda" and half and importlib.util.find_spec("flash_attn") is not None:
         try:
             import flash_attn  # noqa: F401
         except Exception as error:  # a broken build must not stop the bot
-            log.warning("flash-attn is installed but does not import (%s); using eager", error)
-            return "eager"
+            log.warning("flash-attn is installed but does not import (%s); using sdpa", error)
+            return "sdpa"
         return "flash_attention_2"
-    return "eager"
+    return "sdpa"
 
 
 def _first_line(error: BaseException) -> str:
@@ -84,30 +95,63 @@ def stop_token_ids(tokenizer: Any) -> list[int]:
     return ids
 
 
-def load_model(settings: InferenceSettings) -> LoadedModel:
-    from transformers import AutoModelForCausalLM, AutoProcessor
+def is_phi3v(config: dict[str, Any]) -> bool:
+    """Whether a checkpoint's config.json (as a dict) is a Phi-3-vision model."""
+    return config.get("model_type") == PHI3V_MODEL_TYPE
 
-    device = resolve_device(settings.device)
-    dtype = resolve_dtype(settings.dtype, device)
-    attention = choose_attention(device)
-    source = settings.model_id
-    log.info("loading %s on %s (%s, %s attention)", source, device, dtype, attention)
-    common: dict[str, Any] = {"trust_remote_code": True, "revision": settings.model_revision}
+
+def _config_dict(source: str, revision: str | None) -> dict[str, Any]:
+    """The checkpoint's config.json, read without resolving any class or running any code."""
+    from transformers import PretrainedConfig
+
+    what_to_do = "set MODEL_ID to a hub model id or a local model directory"
+    if _looks_like_a_path(source) and not Path(source).is_dir():
+        raise ModelLoadError(f"cannot load model {source!r}: no such directory ({what_to_do})")
     try:
-        processor = AutoProcessor.from_pretrained(source, **common)
-        model = AutoModelForCausalLM.from_pretrained(
-            source,
-            torch_dtype=dtype,
-            _attn_implementation=attention,
-            # Straight onto the GPU: no full copy of the weights in CPU memory first.
-            device_map={"": device} if device.type == "cuda" else None,
-            **common,
+        config, _ = PretrainedConfig.get_config_dict(source, revision=revision)
+    except (OSError, ValueError) as error:
+        raise ModelLoadError(f"cannot load model {source!r}: {_first_line(error)} ({what_to_do})") from error
+    return config
+
+
+def _looks_like_a_path(source: str) -> bool:
+    """A hub id is ``name`` or ``owner/name``; anything else that names a place is a directory."""
+    return source.startswith(("/", ".", "~")) or source.count("/") > 1 or os.sep in source.replace("/", "")
+
+
+def _load_phi3v(settings: InferenceSettings, device: torch.device, dtype: torch.dtype) -> LoadedModel:
+    from .phi3v import CheckpointMismatch, load_phi3v
+
+    source = settings.model_id
+    attention = choose_attention(device, dtype)
+    log.info("loading %s on %s (%s, %s attention)", source, device, dtype, attention)
+    try:
+        model, processor = load_phi3v(
+            source, revision=settings.model_revision, device=device, dtype=dtype, attention=attention
         )
-    except (OSError, ValueError, ImportError, KeyError) as error:
+    except CheckpointMismatch as error:
+        raise ModelLoadError(
+            f"cannot load model {source!r}: {error} (use the checkpoint's own config.json and weights)"
+        ) from error
+    except OSError as error:
+        raise ModelLoadError(
+            f"cannot load model {source!r}: {_first_line(error)} "
+            "(a model directory needs config.json, tokenizer.json, preprocessor_config.json and its "
+            "safetensors weights)"
+        ) from error
+    except (ValueError, KeyError, TypeError, RuntimeError, ImportError) as error:
         raise ModelLoadError(f"cannot load model {source!r}: {_first_line(error)}") from error
-    if device.type != "cuda":
-        model.to(device)
-    model.eval()
     stops = stop_token_ids(processor.tokenizer)
     log.info("model ready: %s, stop tokens %s", type(model).__name__, stops)
-    return LoadedModel(model, processor, device, dtype, attention, stops)
+    return LoadedModel(model, processor, device, dtype, attention, stops, kind="phi3v")
+
+
+def load_model(settings: InferenceSettings) -> LoadedModel:
+    device = resolve_device(settings.device)
+    dtype = resolve_dtype(settings.dtype, device)
+    config = _config_dict(settings.model_id, settings.model_revision)
+    if is_phi3v(config):
+        return _load_phi3v(settings, device, dtype)
+    from .generic import load_generic  # imports this module: imported here, not at the top
+
+    return load_generic(settings, device, dtype)

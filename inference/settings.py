@@ -59,6 +59,17 @@ def env_choice(env: Mapping[str, str], name: str, default: str, choices: tuple[s
     return value
 
 
+def env_bool(env: Mapping[str, str], name: str, default: bool) -> bool:
+    raw = env.get(name, "").strip().lower()
+    if not raw:
+        return default
+    if raw in ("1", "true", "yes", "on"):
+        return True
+    if raw in ("0", "false", "no", "off"):
+        return False
+    raise SettingsError(f"{name} must be true or false, got {raw!r}")
+
+
 def check_device(value: str) -> str:
     value = value.strip().lower()
     if value in ("auto", "cpu", "cuda") or (value.startswith("cuda:") and value[5:].isdigit()):
@@ -77,6 +88,8 @@ def check_base_url(value: str) -> str:
 class InferenceSettings:
     model_id: str = DEFAULT_MODEL_ID
     model_revision: str | None = None
+    # The generic path may run Python code from a model's hub repository only when this is on.
+    trust_remote_code: bool = False
     device: str = "auto"
     dtype: str = "auto"
     # None follows the model cards' advice: 16 crops for one image, 4 when there are several.
@@ -85,15 +98,16 @@ class InferenceSettings:
     temperature: float = 0.0
     # None: the model's own context (max_position_embeddings). Lower it to bound GPU memory.
     max_context_tokens: int | None = None
-    # Micro-batching in the local engine: requests waiting together run in one generate call,
-    # at most this many, and at most this many tokens (prompts + answers: the KV cache) in all.
+    # Continuous batching in the local engine: at most this many answers at once, and at most
+    # this many tokens (prompts + answers: the KV cache) in all.
     max_batch_size: int = 8
     max_batch_tokens: int = 16384
-    # Generate with transformers' native Phi-3 (sharing the remote model's weights): auto = on
-    # with CUDA for a Phi-3-vision model; on; off. COMPILE: the fast path's decode step
-    # compiled (CUDA graphs on CUDA); auto = on with CUDA. Its artefacts are kept in
-    # COMPILE_CACHE_DIR (None: ~/.cache/seebot/torch-compile) for the next start.
-    fast_path: str = "auto"
+    # A long prompt joining running answers is prefilled this many tokens per decode step, so
+    # the answers already streaming keep streaming.
+    prefill_chunk_tokens: int = 512
+    # COMPILE: the decode step compiled (CUDA graphs on CUDA, inductor on the CPU); auto = on
+    # with CUDA. Its artefacts are kept in COMPILE_CACHE_DIR (None:
+    # ~/.cache/seebot/torch-compile) for the next start.
     compile: str = "auto"
     compile_cache_dir: str | None = None
     engine: str = "local"
@@ -118,6 +132,7 @@ class InferenceSettings:
         return cls(
             model_id=env_str(env, "MODEL_ID", DEFAULT_MODEL_ID) or DEFAULT_MODEL_ID,
             model_revision=env_str(env, "MODEL_REVISION", None),
+            trust_remote_code=env_bool(env, "TRUST_REMOTE_CODE", False),
             device=check_device(env_str(env, "DEVICE", "auto") or "auto"),
             dtype=env_choice(env, "DTYPE", "auto", DTYPES),
             num_crops=env_int(env, "NUM_CROPS", None, minimum=1),
@@ -126,7 +141,7 @@ class InferenceSettings:
             max_context_tokens=env_int(env, "MAX_CONTEXT_TOKENS", None, minimum=16),
             max_batch_size=env_int(env, "MAX_BATCH_SIZE", 8, minimum=1) or 8,
             max_batch_tokens=env_int(env, "MAX_BATCH_TOKENS", 16384, minimum=16) or 16384,
-            fast_path=env_choice(env, "FAST_PATH", "auto", SWITCHES),
+            prefill_chunk_tokens=env_int(env, "PREFILL_CHUNK_TOKENS", 512, minimum=1) or 512,
             compile=env_choice(env, "COMPILE", "auto", SWITCHES),
             compile_cache_dir=env_str(env, "COMPILE_CACHE_DIR", None),
             engine=env_choice(env, "ENGINE", "local", ENGINES),

@@ -1,63 +1,104 @@
-"""The fast path's warm-up: run it once per common cache shape before the first question.
+"""Start-up: the engine core made and warmed up before the first question.
 
-With COMPILE on CUDA, the first decode step of a new (slots, length) shape compiles it and
-records its CUDA graphs: tens of seconds for a 4B model the first time (seconds once the
-compiled kernels are in the on-disk cache, see ``use_compile_cache``). Paying that at
-start-up, on the worker thread while the bot connects and tells early askers it is still
-starting, means no question waits for it. The shapes warmed are those of a text-only
-question and of a question about one 16:9 picture at the default number of crops, each with
-MAX_NEW_TOKENS to answer: the shapes most questions get. Eager (no compile), only the
-text-only question runs: it checks the fast path works with this model (else the engine
-falls back to the plain path before taking questions) and sets up the KV cache.
+Compiled (COMPILE; CUDA graphs on CUDA), the first decode step of a new shape compiles or
+records a graph: seconds to tens of seconds for a 4B model. The warm-up runs every shape
+the settings allow (with CUDA graphs, the runner's row buckets x length buckets of the
+usual cache; on the CPU, one graph of symbolic shapes: one row and two rows), on the
+cache's scratch row, so no question waits for it; compiled artefacts are kept on disk
+(COMPILE_CACHE_DIR) for the next start. If compiling fails the engine decodes eagerly (one
+log line). Eager, one step checks the model runs. The usual cache's slots hold a question
+about one 1280x720 picture (at the default crops) and its MAX_NEW_TOKENS answer.
 """
 
 from __future__ import annotations
 
+import logging
 import os
+import time
 from pathlib import Path
 
-import torch
 from PIL import Image
 
-from .continuous import SlotDecoder
 from .conversation import Conversation
+from .core import EngineCore
+from .jobs import release_gpu_memory
+from .loading import LoadedModel
+from .runner import ModelRunner, row_buckets
+from .settings import InferenceSettings
+from .steering import Steering
+
+log = logging.getLogger(__name__)
 
 WARM_UP_QUESTION = "Describe this picture."
 WARM_UP_PICTURE_SIZE = (1280, 720)
-# torch.compile(mode="reduce-overhead"): the 1st call compiles, CUDA graphs are recorded on a
-# later one; a few steps make sure the first real question replays them.
-WARM_UP_STEPS = 3
+# torch.compile(mode="reduce-overhead"): the 1st call of a shape compiles (or warms), CUDA
+# graphs are recorded on a later one; a few runs make sure questions replay them.
+WARM_UP_RUNS = 3
 
 
-def warm_up_conversations(*, with_picture: bool) -> list[Conversation]:
-    """A text-only question, and (``with_picture``: when compiling, where a shape not warmed
-    costs a compile) a question about one picture, whose image encoder costs real time."""
-    conversations = [Conversation.single(WARM_UP_QUESTION)]
-    if with_picture:
-        picture = Image.new("RGB", WARM_UP_PICTURE_SIZE, (128, 128, 128))
-        conversations.append(Conversation.single(WARM_UP_QUESTION, [picture]))
-    return conversations
+def picture_question() -> Conversation:
+    return Conversation.single(WARM_UP_QUESTION, [Image.new("RGB", WARM_UP_PICTURE_SIZE, (128, 128, 128))])
 
 
-def warm_up(
-    decoder: SlotDecoder, prompts: list[dict[str, torch.Tensor]], max_new_tokens: int
-) -> list[tuple[int, int]]:
-    """Prefill each prompt into slot 0 and decode a few steps, once per distinct cache shape;
-    returns the shapes warmed. The slot is freed afterwards."""
-    shapes: list[tuple[int, int]] = []
-    for inputs in prompts:
-        shape = decoder.shape_for(inputs["input_ids"].shape[1] + max_new_tokens)
-        if shape in shapes:
-            continue
-        decoder.ensure(*shape)
-        try:
-            token = int(decoder.prefill_many([(0, inputs)])[0].argmax())
-            for _ in range(WARM_UP_STEPS):
-                token = int(decoder.step({0: token})[0].argmax())
-        finally:
-            decoder.free(0)
-        shapes.append(shape)
+def warm_up_shapes(runner: ModelRunner) -> list[tuple[int, int]]:
+    """The decode shapes the runner can run: every (rows, length) bucket when compiled; one
+    small shape eagerly."""
+    cache = runner.cache
+    if not runner.compile:
+        return [(1, 1)]
+    if not runner.graphs:  # one graph of symbolic shapes; one row is its own specialisation
+        length = min(64, cache.length)
+        return sorted({(1, length), (min(2, cache.slots), length)})
+    lengths = range(runner.length_bucket, cache.length + 1, runner.length_bucket)
+    return [(rows, length) for rows in row_buckets(cache.slots) for length in lengths]
+
+
+def warm_up(runner: ModelRunner) -> list[tuple[int, int]]:
+    """Run every warm-up shape; returns them."""
+    shapes = warm_up_shapes(runner)
+    runs = WARM_UP_RUNS if runner.compile else 1
+    started = time.perf_counter()
+    for done, (rows, length) in enumerate(shapes, 1):
+        for _ in range(runs):
+            runner.run_shape(rows, length)
+        if runner.compile and (done % 8 == 0 or done == len(shapes)):
+            log.info(
+                "warming up: %d of %d decode shapes (%.0f s)",
+                done,
+                len(shapes),
+                time.perf_counter() - started,
+            )
     return shapes
+
+
+def warmed_up_core(
+    loaded: LoadedModel, settings: InferenceSettings, *, steering: Steering | None, compile: bool
+) -> EngineCore:
+    started = time.perf_counter()
+    if compile:
+        log.info("compile cache: %s", use_compile_cache(settings.compile_cache_dir))
+    core = EngineCore(loaded, settings, compile=compile, usual_question=picture_question(), steering=steering)
+    assert core.runner is not None
+    try:
+        shapes = warm_up(core.runner)
+    except Exception as error:
+        if not compile:
+            raise
+        log.warning("compiling the decode step failed, decoding without it: %s", error)
+        release_gpu_memory()
+        core.recompile(False)
+        assert core.runner is not None
+        shapes = warm_up(core.runner)
+    slots, length = core.shape
+    log.info(
+        "warmed up in %.1f s (%s decoding, %d slot(s) x %d tokens, %d decode shape(s))",
+        time.perf_counter() - started,
+        "compiled" if core.compile else "eager",
+        slots,
+        length,
+        len(shapes),
+    )
+    return core
 
 
 def default_compile_cache() -> Path:

@@ -1,17 +1,26 @@
-"""Running `python -m bot` against the fake Discord, and what e2e tests share."""
+"""Running the bot against the fake Discord, and what e2e tests share.
+
+The bot runs as `python -m tests.scripted_bot`: the real `python -m bot` main and engine,
+with tests/conftest.py's SCRIPT steering the tiny model's replies (tests/scripted.py).
+"""
 
 from __future__ import annotations
 
 import asyncio
 import io
+import json
 import os
 import subprocess
 import sys
+from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 from PIL import Image
 
+from tests.conftest import SCRIPT
 from tests.fake_discord import FakeDiscord
+from tests.scripted_bot import SCRIPT_ENV
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -50,19 +59,28 @@ def bot_env(fake: FakeDiscord, model_dir: Path) -> dict[str, str]:
 
 
 async def start_bot(
-    fake: FakeDiscord, model_dir: Path, workdir: Path, *, wait_for_model: bool = True, **settings: str
+    fake: FakeDiscord,
+    model_dir: Path,
+    workdir: Path,
+    *,
+    wait_for_model: bool = True,
+    script: Sequence[dict[str, Any]] = SCRIPT,
+    **settings: str,
 ) -> RunningBot:
-    """The bot with the tiny model, `settings` added to its environment; returns once it has
-    connected and registered its slash commands and (``wait_for_model``) shows itself online,
-    which it does once the model is loaded and warmed up."""
+    """The bot with the tiny model replying as ``script`` says (tests/conftest.py's SCRIPT
+    unless given), `settings` added to its environment; returns once it has connected and
+    registered its slash commands and (``wait_for_model``) shows itself online, which it
+    does once the model is loaded and warmed up."""
     log_path = workdir / "bot.log"
+    script_path = workdir / "script.json"
+    script_path.write_text(json.dumps(list(script)))
     with log_path.open("wb") as log_file:
         process = await asyncio.create_subprocess_exec(
             sys.executable,
             "-m",
-            "bot",
+            "tests.scripted_bot",
             cwd=workdir,
-            env={**bot_env(fake, model_dir), **settings},
+            env={**bot_env(fake, model_dir), SCRIPT_ENV: str(script_path), **settings},
             stdin=subprocess.DEVNULL,
             stdout=log_file,
             stderr=subprocess.STDOUT,

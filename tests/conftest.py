@@ -68,4 +68,4 @@ SCRIPT: list[dict] = [
 def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     from tests.tiny_model import build_tiny_model
 
-    return build_tiny_model(tmp_path_factory.mktemp("tiny-phi3v"), script=SCRIPT)
+    return build_tiny_model(tmp_path_factory.mktemp("tiny-phi3v"))

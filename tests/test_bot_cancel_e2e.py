@@ -31,7 +31,8 @@ async def fake() -> AsyncIterator[FakeDiscord]:
 async def bot(
     fake: FakeDiscord, tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory
 ) -> AsyncIterator[RunningBot]:
-    bot = await start_bot(fake, tiny_model_dir, tmp_path_factory.mktemp("cancel"))
+    # One answer at a time, so that a second question waits in line.
+    bot = await start_bot(fake, tiny_model_dir, tmp_path_factory.mktemp("cancel"), MAX_BATCH_SIZE="1")
     yield bot
     await stop(bot)
 

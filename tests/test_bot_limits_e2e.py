@@ -36,6 +36,7 @@ async def strict_bot(
         fake,
         tiny_model_dir,
         tmp_path_factory.mktemp("strict"),
+        MAX_BATCH_SIZE="1",  # one answer at a time, so that a second question waits in line
         MAX_QUEUE="2",
         MAX_PENDING_PER_USER="1",
         GENERATION_TIMEOUT_SECONDS="2",
@@ -142,9 +143,9 @@ async def test_shutdown_tells_the_requester_and_exits_cleanly(
 
 def prompt_length(model_dir: Path, conversation: Conversation) -> int:
     """Tokens the tiny model's processor makes of a conversation (the engine counts the same)."""
-    from transformers import AutoProcessor
+    from inference.phi3v import Phi3VProcessor
 
-    processor = AutoProcessor.from_pretrained(model_dir, trust_remote_code=True)
+    processor = Phi3VProcessor.from_pretrained(str(model_dir))
     images = conversation.images
     processor.image_processor.num_crops = 16 if len(images) <= 1 else 4
     encoded = processor(build_prompt(conversation), images or None, return_tensors="pt")

@@ -32,7 +32,10 @@ async def fake() -> AsyncIterator[FakeDiscord]:
 async def bot(
     fake: FakeDiscord, tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory
 ) -> AsyncIterator[RunningBot]:
-    bot = await start_bot(fake, tiny_model_dir, tmp_path_factory.mktemp("reliability"), MAX_NEW_TOKENS="120")
+    # One answer at a time (MAX_BATCH_SIZE=1), so that a second question waits in line.
+    bot = await start_bot(
+        fake, tiny_model_dir, tmp_path_factory.mktemp("reliability"), MAX_NEW_TOKENS="120", MAX_BATCH_SIZE="1"
+    )
     yield bot
     await stop(bot)
     assert "Traceback" not in bot.log

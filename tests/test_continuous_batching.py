@@ -1,43 +1,57 @@
-"""Continuous batching on the fast path gives each request the plain path's answer alone.
+"""The engine's answers are HF ``generate``'s on the same native model, token for token.
 
-CPU, float32, the tiny model with random weights (unscripted: scripted replies do not apply
-on the native path), greedy. The reference for every request is the PLAIN path alone
-(FAST_PATH=off, MAX_BATCH_SIZE=1); the fast engine runs requests alone, together, joining a
-running batch, leaving it early, cancelled midway, and across the LongRoPE switch.
+CPU, float32, the tiny native Phi-3-vision with random weights (no steering), greedy. The
+reference for every request is ``model.generate`` on the engine's own model object, one
+request at a time; the engine runs requests alone, together, joining a running batch,
+leaving it early, cancelled midway, with long prompts prefilled in chunks, and across the
+LongRoPE switch at 4,096 positions. The answers are compared as the text their tokens
+decode to, and by token count.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 from collections.abc import AsyncIterator
 from pathlib import Path
+from typing import Any
 
 import pytest
+import torch
+from PIL import Image
 
-from inference import Conversation, GenerationError, GenerationRequest, InferenceSettings, Turn
+from inference import Conversation, GenerationRequest, InferenceSettings, Turn
+from inference.kv_cache import SlotCache
 from inference.local_engine import LocalEngine
-from tests.test_fast_path import _conversation, _image
-from tests.tiny_model import build_tiny_model, copy_with_longrope
+from inference.prompt_inputs import PromptEncoder
+from tests.tiny_model import copy_with_longrope
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
 
-ORIGINAL_MAX = 64
-SHAPES = [(0, 1), (1, 1), (2, 1), (3, 1), (0, 3), (3, 2)]  # (images, turns)
+SWITCH = 4096  # Phi-3-vision's original_max_position_embeddings
 
 
-@pytest.fixture(scope="module")
-def tiny_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return build_tiny_model(tmp_path_factory.mktemp("continuous") / "tiny", script=[])
+def image(width: int, height: int, seed: int) -> Image.Image:
+    generator = torch.Generator().manual_seed(seed)
+    pixels = torch.randint(0, 256, (height, width, 3), generator=generator, dtype=torch.uint8)
+    return Image.fromarray(pixels.numpy())
 
 
-@pytest.fixture(scope="module")
-def longrope_dir(tiny_dir: Path) -> Path:
-    """The same weights with Phi-3-vision's rope scaling ("su"), switching at 64 positions."""
-    return copy_with_longrope(tiny_dir, tiny_dir.parent / "tiny-longrope", ORIGINAL_MAX)
+def conversation(images: int, turns: int = 1, words: int = 0) -> Conversation:
+    """``turns`` user turns (assistant answers between), ``images`` spread over them."""
+    pictures = [image(40 + 13 * n, 30 + 7 * n, n) for n in range(images)]
+    result: list[Turn] = []
+    for turn in range(turns):
+        mine = tuple(pictures[turn::turns])
+        text = f"question {turn}: what is here?" + " and more" * words
+        result.append(Turn("user", text, mine))
+        if turn < turns - 1:
+            result.append(Turn("assistant", f"answer {turn}"))
+    return Conversation(tuple(result))
 
 
-def _settings(directory: Path, **extra: object) -> InferenceSettings:
+def settings_for(directory: Path, **extra: object) -> InferenceSettings:
     values: dict[str, object] = {
         "model_id": str(directory),
         "device": "cpu",
@@ -45,7 +59,6 @@ def _settings(directory: Path, **extra: object) -> InferenceSettings:
         "max_new_tokens": 32,
         "max_batch_size": 4,
         "max_batch_tokens": 1024,  # 4 slots x 256 tokens
-        "fast_path": "on",
         "compile": "off",
         **extra,
     }
@@ -53,7 +66,7 @@ def _settings(directory: Path, **extra: object) -> InferenceSettings:
 
 
 @contextlib.asynccontextmanager
-async def _engine(settings: InferenceSettings) -> AsyncIterator[LocalEngine]:
+async def running(settings: InferenceSettings) -> AsyncIterator[LocalEngine]:
     engine = LocalEngine(settings)
     await engine.start()
     try:
@@ -62,149 +75,173 @@ async def _engine(settings: InferenceSettings) -> AsyncIterator[LocalEngine]:
         await engine.close()
 
 
-def _ask(conversation: Conversation, max_new_tokens: int, **extra: object) -> GenerationRequest:
-    return GenerationRequest(conversation, max_new_tokens=max_new_tokens, **extra)  # type: ignore[arg-type]
+def ask(conversation: Conversation, max_new_tokens: int) -> GenerationRequest:
+    return GenerationRequest(conversation, max_new_tokens=max_new_tokens)
 
 
-async def _text(engine: LocalEngine, request: GenerationRequest) -> str:
+async def answer(engine: LocalEngine, request: GenerationRequest) -> str:
     return "".join([piece async for piece in engine.stream(request)])
 
 
-async def _plain_alone(directory: Path, requests: list[GenerationRequest]) -> list[str]:
-    async with _engine(_settings(directory, fast_path="off", max_batch_size=1)) as plain:
-        assert plain._slots is None
-        return [await _text(plain, request) for request in requests]
+def generate(engine: LocalEngine, request: GenerationRequest) -> str:
+    """HF ``generate`` on the engine's own model, the request alone (the oracle)."""
+    loaded = engine.loaded
+    assert loaded is not None
+    max_new_tokens = request.max_new_tokens or engine.settings.max_new_tokens
+    inputs = PromptEncoder(loaded.processor, engine.settings, None).encode(request, max_new_tokens)
+    tokenizer = loaded.tokenizer
+    with torch.inference_mode():
+        output = loaded.model.generate(
+            **inputs,
+            attention_mask=torch.ones_like(inputs["input_ids"]),
+            max_new_tokens=max_new_tokens,
+            do_sample=False,
+            eos_token_id=loaded.stop_token_ids,
+            pad_token_id=tokenizer.pad_token_id,
+        )
+    tokens = [t for t in output[0, inputs["input_ids"].shape[1] :].tolist() if t not in loaded.stop_token_ids]
+    return tokenizer.decode(tokens, skip_special_tokens=True, clean_up_tokenization_spaces=False)
 
 
-def _requests(limits: list[int]) -> list[GenerationRequest]:
-    pairs = zip(SHAPES, limits, strict=True)
-    return [_ask(_conversation(images, turns), limit) for (images, turns), limit in pairs]
+def tokens_of(engine: LocalEngine, text: str) -> int:
+    assert engine.loaded is not None
+    return len(engine.loaded.tokenizer(text, add_special_tokens=False).input_ids)
 
 
-async def test_alone_and_together_same_text_as_the_plain_path(tiny_dir: Path) -> None:
-    requests = _requests([40, 24, 33, 17, 29, 36])
-    expected = await _plain_alone(tiny_dir, requests)
-    assert all(expected)
-    async with _engine(_settings(tiny_dir)) as fast:
-        assert fast._slots is not None
-        alone = [await _text(fast, request) for request in requests]
+SHAPES = [(0, 1), (1, 1), (2, 1), (3, 1), (0, 3), (3, 2)]  # (images, turns)
+
+
+def requests(limits: list[int]) -> list[GenerationRequest]:
+    return [ask(conversation(i, t), limit) for (i, t), limit in zip(SHAPES, limits, strict=True)]
+
+
+@pytest.fixture(scope="module")
+def longrope_dir(tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The tiny model with Phi-3-vision's rope scaling ("su"), switching at 4,096 positions."""
+    return copy_with_longrope(tiny_model_dir, tmp_path_factory.mktemp("longrope") / "tiny", SWITCH)
+
+
+async def test_alone_and_together_the_same_tokens_as_generate(tiny_model_dir: Path) -> None:
+    asked = requests([20, 14, 18, 9, 16, 12])
+    async with running(settings_for(tiny_model_dir)) as engine:
+        alone = [await answer(engine, request) for request in asked]
+        expected = [generate(engine, request) for request in asked]
         assert alone == expected
-        assert fast.joined_running == 0
-        # All six at once: four slots, the other two take slots as rows finish.
-        together = await asyncio.gather(*(_text(fast, request) for request in requests))
+        assert all(expected) and engine.joined_running == 0
+        # All six at once: four slots; the other two take slots as answers end.
+        together = await asyncio.gather(*(answer(engine, request) for request in asked))
         assert list(together) == expected
-        assert fast._slots.slots == 4
 
 
-async def test_a_request_joins_a_running_batch(tiny_dir: Path, caplog: pytest.LogCaptureFixture) -> None:
-    long = _ask(_conversation(1, 2), 200)
-    others = [_ask(_conversation(images, turns), 20) for images, turns in ((0, 1), (2, 1), (3, 1))]
-    expected = await _plain_alone(tiny_dir, [long, *others])
-    positions: list[list[int]] = [[] for _ in others]
-    others = [
-        _ask(request.conversation, 20, on_queue_position=heard.append)
-        for request, heard in zip(others, positions, strict=True)
-    ]
-    caplog.set_level("INFO", logger="inference")
-    async with _engine(_settings(tiny_dir)) as fast:
-        stream = fast.stream(long)
-        pieces = [await anext(stream)]  # the long one is decoding
-
-        async def rest() -> str:
-            return "".join([*pieces, *[piece async for piece in stream]])
-
-        long_task = asyncio.create_task(rest())
-        answers = await asyncio.gather(*(_text(fast, request) for request in others))
-        assert not long_task.done()  # the short ones joined, finished and left; it goes on
-        assert [await long_task, *answers] == expected
-        assert fast.joined_running == 3
-    assert "request(s) joined a running batch" in caplog.text
-    assert all(heard and heard[-1] == 0 for heard in positions)
+async def test_requests_join_and_leave_a_running_batch(
+    tiny_model_dir: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.INFO, logger="inference")
+    long = ask(conversation(1, 2), 60)
+    others = requests([5, 17, 9, 3, 12, 7])
+    async with running(settings_for(tiny_model_dir)) as engine:
+        stream = engine.stream(long)
+        head = await anext(stream)  # the long answer is decoding
+        joiners = [asyncio.create_task(answer(engine, request)) for request in others]
+        rest = "".join([piece async for piece in stream])
+        answers = await asyncio.gather(*joiners)
+        assert engine.joined_running >= 3
+        assert [head + rest, *answers] == [generate(engine, r) for r in [long, *others]]
+    assert "joined a running batch" in caplog.text
 
 
-async def test_one_cancelled_midway_while_the_others_finish(tiny_dir: Path) -> None:
-    requests = [_ask(_conversation(images, turns), 48) for images, turns in ((2, 1), (0, 3), (1, 1))]
-    expected = await _plain_alone(tiny_dir, requests)
-    async with _engine(_settings(tiny_dir, max_batch_size=2, max_batch_tokens=512)) as fast:
-        stream = fast.stream(requests[0])
-        first = [await anext(stream) for _ in range(3)]
-        assert expected[0].startswith("".join(first))
-        others = [asyncio.create_task(_text(fast, request)) for request in requests[1:]]
-        await asyncio.sleep(0.05)
-        await stream.aclose()  # leaves the batch; its slot goes to the third request
-        assert await asyncio.gather(*others) == expected[1:]
-        assert fast.joined_running >= 1
-        # The engine goes on serving, with the same answers.
-        assert await _text(fast, requests[0]) == expected[0]
+async def test_one_cancelled_midway_while_the_others_finish(tiny_model_dir: Path) -> None:
+    asked = requests([24, 30, 18, 22, 26, 20])
+    async with running(settings_for(tiny_model_dir)) as engine:
+        leaving = engine.stream(ask(conversation(1), 200))
+        first = await anext(leaving)
+        tasks = [asyncio.create_task(answer(engine, request)) for request in asked]
+        second = await anext(leaving)
+        await leaving.aclose()  # midway: the others go on in its slot's absence
+        answers = await asyncio.gather(*tasks)
+        assert answers == [generate(engine, request) for request in asked]
+        assert generate(engine, ask(conversation(1), 200)).startswith(first + second)
+
+
+async def test_a_long_joiner_is_prefilled_in_chunks_and_the_others_are_unchanged(
+    tiny_model_dir: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.INFO, logger="inference")
+    settings = settings_for(tiny_model_dir, prefill_chunk_tokens=8, max_batch_tokens=2048)
+    streaming = [ask(conversation(0), 40), ask(conversation(1), 36)]
+    joiner = ask(conversation(3, 3, words=12), 20)  # well over 8 prompt tokens
+    async with running(settings) as engine:
+        streams = [engine.stream(request) for request in streaming]
+        heads = [await anext(stream) for stream in streams]
+        late = asyncio.create_task(answer(engine, joiner))
+
+        async def rest(head: str, stream: AsyncIterator[str]) -> str:
+            return head + "".join([piece async for piece in stream])
+
+        answers = await asyncio.gather(*(rest(h, s) for h, s in zip(heads, streams, strict=True)))
+        assert [*answers, await late] == [generate(engine, r) for r in [*streaming, joiner]]
+    assert "chunks between decode steps" in caplog.text
+
+
+async def test_one_busy_row_among_sixteen_slots_reads_one_rows_positions(
+    tiny_model_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    reads: list[tuple[int, ...]] = []
+
+    def recording(read: Any) -> Any:
+        def recording_read(self: SlotCache, *args: Any) -> Any:
+            keys, values = read(self, *args)
+            reads.append(tuple(keys.shape))
+            return keys, values
+
+        return recording_read
+
+    # What decode steps read of the cache: gathered rows, or consecutive slots as a view.
+    monkeypatch.setattr(SlotCache, "read", recording(SlotCache.read))
+    monkeypatch.setattr(SlotCache, "read_rows", recording(SlotCache.read_rows))
+    settings = settings_for(tiny_model_dir, max_batch_size=16, max_batch_tokens=16 * 256)
+    request = ask(conversation(1), 10)
+    async with running(settings) as engine:
+        reads.clear()  # the warm-up's
+        text = await answer(engine, request)
+        assert engine.loaded is not None and engine.core is not None
+        assert engine.core.shape == (16, 256)  # type: ignore[attr-defined]
+        prompt = (
+            PromptEncoder(engine.loaded.processor, settings, None).encode(request, 10)["input_ids"].shape[1]
+        )
+        heads = engine.loaded.model.config.num_attention_heads
+        # Each decode step gathers one row over the positions it has filled, in every layer.
+        steps = tokens_of(engine, text)  # 10 tokens: the first from the prefill, 9 decoded
+        assert len(reads) == (steps - 1) * engine.loaded.model.config.num_hidden_layers
+        assert {shape[:2] for shape in reads} == {(1, heads)}
+        assert sorted({shape[2] for shape in reads}) == list(range(prompt + 1, prompt + steps))
+        assert engine.core.runner.last_decode_shape == (1, prompt + steps - 1)  # type: ignore[attr-defined]
 
 
 async def test_across_the_longrope_switch(longrope_dir: Path) -> None:
-    short = Conversation.single("hi")
-    mid = Conversation(
-        (Turn("user", "a", (_image(20, 16, 1),)), Turn("assistant", "b"), Turn("user", "what now?"))
+    """Prompts that cross 4,096 positions while decoding, and one already past them."""
+    settings = settings_for(
+        longrope_dir, max_batch_tokens=4 * 4352, max_new_tokens=24, prefill_chunk_tokens=512
     )
-    requests = [
-        _ask(mid, 90),
-        _ask(short, 80),
-        _ask(_conversation(0, 1), 70),
-        _ask(_conversation(3, 2), 30),  # already past the switch
-    ]
-    expected = await _plain_alone(longrope_dir, requests)
-    async with _engine(_settings(longrope_dir)) as fast:
-        stream = fast.stream(requests[0])
-        head = await anext(stream)
+    async with running(settings) as engine:
+        assert engine.loaded is not None
+        encoder = PromptEncoder(engine.loaded.processor, settings, None)
 
-        async def rest() -> str:
-            return head + "".join([piece async for piece in stream])
+        def near_the_switch(images: int, past: int) -> GenerationRequest:
+            """A question whose prompt is SWITCH + ``past`` tokens long (``past`` < 0: before)."""
+            words = 0
+            while True:
+                request = ask(conversation(images, words=words), 24)
+                length = encoder.encode(request, 24)["input_ids"].shape[1]
+                if length >= SWITCH + past:
+                    return request
+                words += max(1, (SWITCH + past - length) // 3)
 
-        first = asyncio.create_task(rest())
-        answers = []
-        for request in requests[1:]:  # each joins later, so rows cross at different steps
-            answers.append(asyncio.create_task(_text(fast, request)))
-            await asyncio.sleep(0.01)
-        assert [await first, *await asyncio.gather(*answers)] == expected
-        assert fast.joined_running >= 1
-        # All at once: they are prefilled together, short rows padded beside long ones.
-        assert await asyncio.gather(*(_text(fast, request) for request in requests)) == expected
-
-
-async def test_errors_reach_only_the_affected_requests(tiny_dir: Path) -> None:
-    requests = [_ask(_conversation(images, 1), 24) for images in (0, 1, 2)]
-    expected = await _plain_alone(tiny_dir, requests)
-    async with _engine(_settings(tiny_dir)) as fast:
-        decoder = fast._slots
-        assert decoder is not None
-        prefill, step = decoder.prefill_many, decoder.step
-        calls = {"prefill": 0, "step": 0}
-
-        def failing_prefill(prompts: list) -> object:
-            calls["prefill"] += 1
-            if calls["prefill"] == 2:
-                raise RuntimeError("CUDA out of memory (simulated)")
-            return prefill(prompts)
-
-        decoder.prefill_many = failing_prefill  # type: ignore[method-assign]
-        running = fast.stream(requests[0])
-        head = await anext(running)  # decoding; the next request's prefill fails
-
-        async def rest() -> str:
-            return head + "".join([piece async for piece in running])
-
-        first = asyncio.create_task(rest())
-        with pytest.raises(GenerationError):
-            await _text(fast, requests[1])
-        assert await _text(fast, requests[2]) == expected[2]  # joins the running batch
-        assert await first == expected[0]
-
-        def failing_step(tokens: dict) -> object:
-            calls["step"] += 1
-            if calls["step"] == 3:
-                raise RuntimeError("decode failed (simulated)")
-            return step(tokens)
-
-        decoder.prefill_many, decoder.step = prefill, failing_step  # type: ignore[method-assign]
-        results = await asyncio.gather(*(_text(fast, r) for r in requests[:2]), return_exceptions=True)
-        assert all(isinstance(r, GenerationError) for r in results)
-        assert decoder.cache is None or not decoder.slots  # released
-        # The worker goes on.
-        assert await asyncio.gather(*(_text(fast, r) for r in requests)) == expected
+        crossing = near_the_switch(1, -10)  # crosses after ten tokens
+        past = near_the_switch(0, 5)
+        short = ask(conversation(2), 24)
+        asked = [crossing, past, short]
+        expected = [generate(engine, request) for request in asked]
+        assert [await answer(engine, request) for request in asked] == expected
+        # Together: a short row beside long ones keeps its own (short) factors.
+        assert list(await asyncio.gather(*(answer(engine, request) for request in asked))) == expected

@@ -1,10 +1,13 @@
-"""The local engine on a tiny model: streaming, stopping, limits, cancelling, errors."""
+"""The local engine on the tiny native model: streaming, stopping, limits, cancelling, errors.
+
+Replies are scripted (tests/scripted.py steers the real model's token choice by
+tests/conftest.py's SCRIPT); unscripted questions get the random weights' own text.
+"""
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import logging
 import time
 from collections.abc import AsyncIterator
 from dataclasses import replace
@@ -25,6 +28,8 @@ from inference import (
 from inference.engine import PromptTooLong
 from inference.loading import LoadedModel, ModelLoadError, load_model
 from inference.local_engine import LocalEngine
+from tests.conftest import SCRIPT
+from tests.scripted import ScriptedReplies
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
 
@@ -46,9 +51,22 @@ def settings(tiny_model_dir: Path) -> InferenceSettings:
     return InferenceSettings(model_id=str(tiny_model_dir), device="cpu", max_new_tokens=64)
 
 
+def scripted(settings: InferenceSettings, **kwargs: object) -> LocalEngine:
+    return LocalEngine(settings, steering=ScriptedReplies(SCRIPT, settings.model_id), **kwargs)  # type: ignore[arg-type]
+
+
 @pytest.fixture
 async def engine(settings: InferenceSettings) -> AsyncIterator[LocalEngine]:
-    engine = LocalEngine(settings)
+    engine = scripted(settings)
+    await engine.start()
+    yield engine
+    await engine.close()
+
+
+@pytest.fixture
+async def one_at_a_time(settings: InferenceSettings) -> AsyncIterator[LocalEngine]:
+    """One answer at a time (MAX_BATCH_SIZE=1): the others wait in line."""
+    engine = scripted(replace(settings, max_batch_size=1))
     await engine.start()
     yield engine
     await engine.close()
@@ -86,6 +104,15 @@ async def test_max_new_tokens_bounds_an_answer_that_never_ends(engine: LocalEngi
     assert len(tokenizer(longer, add_special_tokens=False).input_ids) > 10
 
 
+async def test_each_answer_says_why_it_ended(engine: LocalEngine) -> None:
+    ends: list[str] = []
+    await collect(engine, ask("ramble on", [red()], max_new_tokens=5, on_end=ends.append))
+    await collect(engine, ask("Say hello", [red()], on_end=ends.append))
+    together = [ask("ramble on", max_new_tokens=4, on_end=ends.append), ask("Say hello", on_end=ends.append)]
+    await asyncio.gather(*(collect(engine, request) for request in together))
+    assert ends == ["length", "stop", "length", "stop"]
+
+
 async def test_greedy_answers_are_repeatable(engine: LocalEngine) -> None:
     first = await collect(engine, ask("ramble on", [red()], max_new_tokens=12))
     second = await collect(engine, ask("ramble on", [red()], max_new_tokens=12))
@@ -120,7 +147,7 @@ async def test_cancelling_the_task_stops_the_generation(engine: LocalEngine) -> 
     assert time.monotonic() - cancelled_at < 5
 
 
-async def test_requests_wait_their_turn_and_each_gets_its_own_answer(engine: LocalEngine) -> None:
+async def test_requests_at_once_each_get_their_own_answer(engine: LocalEngine) -> None:
     answers = await asyncio.gather(
         collect(engine, ask("Say hello")),
         collect(engine, ask("count images", [red(), red()])),
@@ -160,17 +187,17 @@ async def test_an_error_in_the_worker_reaches_the_caller_and_the_engine_goes_on(
 
     def loader(settings: InferenceSettings) -> LoadedModel:
         loaded = load_model(settings)
-        generate = loaded.model.generate
+        embed_prompt = loaded.model.embed_prompt
 
-        def flaky_generate(*args: object, **kwargs: object) -> object:
+        def flaky_embed_prompt(*args: object, **kwargs: object) -> object:
             if failing["on"]:
                 raise RuntimeError("CUDA out of memory. Tried to allocate 2.00 GiB")
-            return generate(*args, **kwargs)
+            return embed_prompt(*args, **kwargs)
 
-        loaded.model.generate = flaky_generate
+        loaded.model.embed_prompt = flaky_embed_prompt
         return loaded
 
-    engine = LocalEngine(settings, loader=loader)
+    engine = scripted(settings, loader=loader)
     await engine.start()
     try:
         with pytest.raises(GenerationError, match="out of memory"):
@@ -196,7 +223,8 @@ async def test_a_closed_engine_refuses_requests(settings: InferenceSettings) -> 
         await collect(engine, ask("Say hello"))
 
 
-async def test_waiting_requests_are_told_their_place_in_line(engine: LocalEngine) -> None:
+async def test_waiting_requests_are_told_their_place_in_line(one_at_a_time: LocalEngine) -> None:
+    engine = one_at_a_time
     places: dict[str, list[int]] = {"first": [], "second": [], "third": []}
     third_in_line = asyncio.Event()
 
@@ -219,8 +247,7 @@ async def test_waiting_requests_are_told_their_place_in_line(engine: LocalEngine
     await collect_rest(first)
     await others
     assert places["second"] == [1, 0]
-    # The third moves up as the line moves; it may start together with the second (batched).
-    assert places["third"] in ([2, 1, 0], [2, 0])
+    assert places["third"] == [2, 1, 0]  # it moves up as the line moves
 
 
 async def collect_rest(stream: AsyncIterator[str]) -> None:
@@ -228,7 +255,8 @@ async def collect_rest(stream: AsyncIterator[str]) -> None:
         pass
 
 
-async def test_a_request_cancelled_while_waiting_leaves_the_line(engine: LocalEngine) -> None:
+async def test_a_request_cancelled_while_waiting_leaves_the_line(one_at_a_time: LocalEngine) -> None:
+    engine = one_at_a_time
     places: list[int] = []
     second_in_line = asyncio.Event()
 
@@ -256,14 +284,14 @@ async def test_oldest_exchanges_are_left_out_to_fit_the_context(settings: Infere
     conversation = Conversation(
         (Turn("user", "What are these?", (red(), red())), Turn("assistant", "Two squares."), last_question)
     )
-    probe = LocalEngine(settings)
+    probe = scripted(settings)
     await probe.start()
     processor = probe.loaded.processor  # type: ignore[union-attr]
     processor.image_processor.num_crops = 16
     alone = processor(build_prompt(Conversation((last_question,))), [red()], return_tensors="pt")
     await probe.close()
     fits_only_the_last = alone["input_ids"].shape[1] + 10 + 2
-    engine = LocalEngine(replace(settings, max_context_tokens=fits_only_the_last))
+    engine = scripted(replace(settings, max_context_tokens=fits_only_the_last))
     await engine.start()
     try:
         text = "".join(await collect(engine, GenerationRequest(conversation, max_new_tokens=10)))
@@ -273,68 +301,3 @@ async def test_oldest_exchanges_are_left_out_to_fit_the_context(settings: Infere
         assert "".join(await collect(engine, ask("Say hello", max_new_tokens=10))).startswith("Hello")
     finally:
         await engine.close()
-
-
-def batch_requests() -> list[GenerationRequest]:
-    """Different shapes on purpose: text only, one image (16 crops), two images (4 crops),
-    scripted and unscripted, short and long."""
-    blue = Image.new("RGB", (96, 40), "blue")
-    return [
-        ask("ramble on", max_new_tokens=24),
-        ask("ramble on about this", [red()], max_new_tokens=12),
-        ask("count images", [red(), blue]),
-        ask("Say hello", [blue]),
-        ask("what do you see in the first one", [blue, red()], max_new_tokens=30),
-    ]
-
-
-async def answers_one_at_a_time(settings: InferenceSettings) -> list[str]:
-    engine = LocalEngine(replace(settings, max_batch_size=1))
-    await engine.start()
-    try:
-        return ["".join(await collect(engine, request)) for request in batch_requests()]
-    finally:
-        await engine.close()
-
-
-async def test_batched_greedy_answers_equal_the_answers_alone(
-    settings: InferenceSettings, caplog: pytest.LogCaptureFixture
-) -> None:
-    alone = await answers_one_at_a_time(settings)
-    engine = LocalEngine(settings)
-    await engine.start()
-    try:
-        blocker = engine.stream(ask("slow story", max_new_tokens=6))
-        await anext(blocker)  # the worker is busy: the next five wait together
-        caplog.set_level(logging.INFO, logger="inference")
-        together = asyncio.gather(*(collect(engine, request) for request in batch_requests()))
-        await collect_rest(blocker)
-        batched = ["".join(pieces) for pieces in await together]
-    finally:
-        await engine.close()
-    assert "generating 5 answers in one batch" in caplog.text
-    assert batched == alone
-    assert batched[2] == "I see 2 images." and batched[3] == "Hello there, my friend! How are you today?"
-
-
-async def test_one_request_of_a_batch_can_be_cancelled_alone(
-    settings: InferenceSettings, caplog: pytest.LogCaptureFixture
-) -> None:
-    alone = await answers_one_at_a_time(settings)
-    engine = LocalEngine(settings)
-    await engine.start()
-    try:
-        blocker = engine.stream(ask("slow story", max_new_tokens=6))
-        await anext(blocker)
-        caplog.set_level(logging.INFO, logger="inference")
-        tasks = [asyncio.create_task(collect(engine, request)) for request in batch_requests()]
-        leaving = engine.stream(ask("slow story", max_new_tokens=300))
-        first_piece = asyncio.create_task(anext(leaving))  # joins the line behind the five
-        await collect_rest(blocker)
-        assert await first_piece
-        await leaving.aclose()  # 300 slow tokens would take 15 s; the others must not wait
-        answers = ["".join(pieces) for pieces in await asyncio.gather(*tasks)]
-    finally:
-        await engine.close()
-    assert "generating 6 answers in one batch" in caplog.text
-    assert answers == alone

@@ -1,9 +1,9 @@
-"""The fast path warms up before taking questions: compiled decoding (COMPILE=on, inductor on
-the CPU) gives the plain path's answers, keeps its kernels on disk for the next start, and a
-warm-up that fails falls back (eager decoding, then the plain path) with one log line.
+"""The engine warms up before taking questions: compiled decoding (COMPILE=on, inductor on the
+CPU) runs every decode shape the settings allow at start-up and gives HF ``generate``'s
+answers, keeps its kernels on disk for the next start; a failing compile falls back to eager
+decoding with one log line; a model that cannot run at all fails the start with one line.
 
-CPU, float32, the tiny model with random weights, greedy; the reference is the plain path
-alone, as in test_continuous_batching.py.
+CPU, float32, the tiny native model with random weights, greedy.
 """
 
 from __future__ import annotations
@@ -14,11 +14,11 @@ from pathlib import Path
 import pytest
 import torch
 
-from inference.continuous import SlotDecoder
-from tests.test_continuous_batching import _engine, _plain_alone, _requests, _settings, _text, tiny_dir
+from inference.engine import ModelLoadError
+from inference.runner import ModelRunner
+from tests.test_continuous_batching import answer, generate, requests, running, settings_for
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
-__all__ = ["tiny_dir"]  # the module-scoped model fixture, shared
 
 
 @pytest.fixture
@@ -27,26 +27,35 @@ def compile_cache(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     return tmp_path / "compile-cache"
 
 
-async def test_compiled_decoding_warms_up_at_start_and_answers_as_the_plain_path(
-    tiny_dir: Path, compile_cache: Path, caplog: pytest.LogCaptureFixture
+async def test_compiled_decoding_warms_up_every_shape_and_answers_as_generate(
+    tiny_model_dir: Path, compile_cache: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
-    requests = _requests([24, 16, 20, 12, 18, 22])
-    expected = await _plain_alone(tiny_dir, requests)
     caplog.set_level("INFO", logger="inference")
-    settings = _settings(tiny_dir, compile="on", compile_cache_dir=str(compile_cache))
-    async with _engine(settings) as fast:  # returns once warmed up
-        assert "warmed up in" in caplog.text
-        assert "compiled, compile cache" in caplog.text
-        assert fast._slots is not None and fast._slots.compile
+    # One slot of 256 positions: one decode shape, one compile (tens of seconds on a small CPU).
+    settings = settings_for(
+        tiny_model_dir,
+        compile="on",
+        compile_cache_dir=str(compile_cache),
+        max_batch_size=1,
+        max_batch_tokens=256,
+    )
+    asked = requests([12, 8, 10, 6, 9, 11])[:3]
+    async with running(settings) as engine:  # returns once warmed up
+        assert "warmed up in" in caplog.text and "compiled decoding, 1 slot(s) x 256 tokens" in caplog.text
+        assert "1 decode shape(s)" in caplog.text
+        assert engine.decoding == "compiled"
         kept = await asyncio.to_thread(lambda: any(compile_cache.rglob("*")))
         assert kept, "compiled kernels are kept in COMPILE_CACHE_DIR"
-        assert [await _text(fast, request) for request in requests] == expected
-        together = await asyncio.gather(*(_text(fast, request) for request in requests))
-        assert list(together) == expected
+        expected = [generate(engine, request) for request in asked]
+        assert [await answer(engine, request) for request in asked] == expected
+        assert list(await asyncio.gather(*(answer(engine, request) for request in asked))) == expected
 
 
 async def test_when_compiling_fails_it_decodes_eagerly(
-    tiny_dir: Path, compile_cache: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+    tiny_model_dir: Path,
+    compile_cache: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
 ) -> None:
     def broken_compile(function: object, **options: object) -> object:
         def compiled(*args: object) -> object:
@@ -55,28 +64,25 @@ async def test_when_compiling_fails_it_decodes_eagerly(
         return compiled
 
     monkeypatch.setattr(torch, "compile", broken_compile)
-    requests = _requests([16, 16, 16, 16, 16, 16])
-    expected = await _plain_alone(tiny_dir, requests)
-    settings = _settings(tiny_dir, compile="on", compile_cache_dir=str(compile_cache))
-    async with _engine(settings) as fast:
+    asked = requests([10, 10, 10, 10, 10, 10])
+    settings = settings_for(tiny_model_dir, compile="on", compile_cache_dir=str(compile_cache))
+    async with running(settings) as engine:
         assert "compiling the decode step failed, decoding without it" in caplog.text
-        assert fast._slots is not None and not fast._slots.compile
-        assert await asyncio.gather(*(_text(fast, request) for request in requests)) == expected
+        assert engine.decoding == "eager"
+        expected = [generate(engine, request) for request in asked]
+        assert list(await asyncio.gather(*(answer(engine, request) for request in asked))) == expected
 
 
-async def test_when_the_fast_path_fails_to_warm_up_it_uses_the_plain_path(
-    tiny_dir: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+async def test_a_model_that_cannot_run_fails_the_start_with_one_line(
+    tiny_model_dir: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    def broken_step(self: SlotDecoder, tokens: object) -> object:
+    def broken_run(self: ModelRunner, *args: object) -> object:
         raise RuntimeError("an unsupported layer (simulated)")
 
-    monkeypatch.setattr(SlotDecoder, "step", broken_step)
-    requests = _requests([16, 16, 16, 16, 16, 16])
-    expected = await _plain_alone(tiny_dir, requests)
-    async with _engine(_settings(tiny_dir)) as engine:
-        assert "fast path off after its warm-up failed, using the plain path" in caplog.text
-        assert engine._slots is None
-        assert [await _text(engine, request) for request in requests] == expected
+    monkeypatch.setattr(ModelRunner, "_run", broken_run)
+    with pytest.raises(ModelLoadError, match="the model loaded but does not run: an unsupported layer"):
+        async with running(settings_for(tiny_model_dir)):
+            pass
 
 
 def test_compile_cache_choice(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

@@ -1,14 +1,15 @@
-"""Build a tiny Phi-3-vision look-alike model directory offline (a few seconds on one core).
+"""Build tiny NATIVE Phi-3-vision checkpoints offline, in the hub's file layout (a second or two).
 
-The directory loads exactly like the hub model::
-
-    processor = AutoProcessor.from_pretrained(d, trust_remote_code=True)
-    model = AutoModelForCausalLM.from_pretrained(
-        d, trust_remote_code=True, torch_dtype=torch.float32, _attn_implementation="eager"
-    )
+A directory holds what the hub repository holds, minus its Python code: ``config.json``
+(``model_type: phi3_v``, the hub's ``embd_layer``/``img_processor`` plus a small
+``vision_config``), ``tokenizer.json`` (+ ``tokenizer_config.json``, chat template),
+``preprocessor_config.json`` and safetensors with the hub's key names (one file, or shards with
+``model.safetensors.index.json``). It loads through ``inference.loading.load_model`` exactly as
+users' checkpoints do.
 
 Everything is deterministic: the tokenizer is trained on generated text and the weights come
-from a fixed seed (the caller's torch RNG state is left alone).
+from a fixed seed (the caller's torch RNG state is left alone). The random weights never say a
+special token, a partial UTF-8 character or an unused id (see ``_keep_random_text_clean``).
 """
 
 from __future__ import annotations
@@ -18,30 +19,30 @@ import os
 import random
 import shutil
 from pathlib import Path
+from typing import Any
 
 import torch
 from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers, processors, trainers
-from transformers import PretrainedConfig, PreTrainedTokenizerFast
+from transformers import PreTrainedTokenizerFast
 
-from .configuration_tiny_phi3_v import TinyPhi3VConfig
-from .modeling_tiny_phi3_v import TinyPhi3VForCausalLM
-
-HERE = Path(__file__).resolve().parent
-REMOTE_CODE_FILES = (
-    "configuration_tiny_phi3_v.py",
-    "modeling_tiny_phi3_v.py",
-    "image_processing_tiny_phi3_v.py",
-    "processing_tiny_phi3_v.py",
-)
+from inference.phi3v import Phi3VConfig, Phi3VForCausalLM, hub_state_dict, save_hub_checkpoint
+from inference.phi3v import num_image_tokens as _num_image_tokens
 
 SEED = 1234
 BPE_VOCAB_SIZE = 1000  # byte alphabet + merges + the special tokens
 MODEL_VOCAB_SIZE = 1024  # like the hub model, a few more rows than tokens
 NUM_CROPS = 16
-CROP_SIZE = 16
-TOKENS_PER_CROP = 2
+# The tiny vision tower sees 28-pixel crops of 2x2 patches: one feature per crop after the merge.
+TINY_CROP_SIZE = 28
+TINY_TOKENS_PER_CROP = 1
+# real_image_shapes=True: the hub's 336-pixel crops, 24x24 patches, 144 features per crop.
+REAL_CROP_SIZE = 336
+REAL_TOKENS_PER_CROP = 144
+PATCH_SIZE = 14
 ANCHOR = 1.0  # the constant value of hidden dimension 0, see _keep_random_text_clean
 UNSAYABLE_WEIGHT = -200.0
+CLIP_MEAN = [0.48145466, 0.4578275, 0.40821073]
+CLIP_STD = [0.26862954, 0.26130258, 0.27577711]
 
 # (content, rstrip, special) in the hub tokenizer's order
 SPECIAL_TOKENS = (
@@ -171,33 +172,117 @@ def build_tokenizer() -> PreTrainedTokenizerFast:
     )
 
 
-def _config(tokenizer: PreTrainedTokenizerFast, script: list[dict]) -> TinyPhi3VConfig:
-    config = TinyPhi3VConfig(
-        vocab_size=MODEL_VOCAB_SIZE,
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=4,
-        max_position_embeddings=4096,
-        original_max_position_embeddings=4096,
-        initializer_range=0.2,
-        bos_token_id=tokenizer.bos_token_id,
-        # As in the hub config: eos is "</s>", which the model never says; callers must
-        # pass eos_token_id=[<|end|>, <|endoftext|>] to generate.
-        eos_token_id=tokenizer.convert_tokens_to_ids("</s>"),
-        pad_token_id=tokenizer.pad_token_id,
-        image_dim_out=16,
-        crop_size=CROP_SIZE,
-        tokens_per_crop=TOKENS_PER_CROP,
-        script=script,
-    )
-    config.auto_map = {
-        "AutoConfig": "configuration_tiny_phi3_v.TinyPhi3VConfig",
-        "AutoModelForCausalLM": "modeling_tiny_phi3_v.TinyPhi3VForCausalLM",
+def image_shapes(real_image_shapes: bool = False) -> tuple[int, int]:
+    """(crop size in pixels, features per crop) of the tiny model or of its real-shapes variant."""
+    if real_image_shapes:
+        return REAL_CROP_SIZE, REAL_TOKENS_PER_CROP
+    return TINY_CROP_SIZE, TINY_TOKENS_PER_CROP
+
+
+def num_image_tokens(
+    width: int, height: int, num_crops: int = NUM_CROPS, *, real_image_shapes: bool = False
+) -> int:
+    """Prompt positions of one image in the tiny model (or, real_image_shapes, in the hub's)."""
+    crop_size, tokens_per_crop = image_shapes(real_image_shapes)
+    return _num_image_tokens(width, height, num_crops, crop_size=crop_size, tokens_per_crop=tokens_per_crop)
+
+
+def _config_json(
+    tokenizer: PreTrainedTokenizerFast,
+    *,
+    real_image_shapes: bool,
+    original_max_position_embeddings: int | None,
+) -> dict[str, Any]:
+    """The hub's config.json for a Phi-3-vision model, with tiny sizes and a ``vision_config``."""
+    crop_size, tokens_per_crop = image_shapes(real_image_shapes)
+    vision_width = 16
+    config: dict[str, Any] = {
+        "architectures": ["Phi3VForCausalLM"],
+        "model_type": "phi3_v",
+        "attention_dropout": 0.0,
+        "embd_pdrop": 0.0,
+        "resid_pdrop": 0.0,
+        "bos_token_id": tokenizer.bos_token_id,
+        # As in the hub config: eos is "</s>", which the model never says; callers stop on
+        # <|end|> and <|endoftext|>.
+        "eos_token_id": tokenizer.convert_tokens_to_ids("</s>"),
+        "pad_token_id": tokenizer.pad_token_id,
+        "embd_layer": {
+            "embedding_cls": "image",
+            "hd_transform_order": "sub_glb",
+            "projection_cls": "mlp",
+            "use_hd_transform": True,
+            "with_learnable_separator": True,
+        },
+        "img_processor": {
+            "image_dim_out": vision_width,
+            "model_name": "openai/clip-vit-large-patch14-336",
+            "name": "clip_vision_model",
+            "num_img_tokens": tokens_per_crop,
+        },
+        "vision_config": {
+            "hidden_size": vision_width,
+            "intermediate_size": 32,
+            "num_attention_heads": 2,
+            "num_hidden_layers": 2,
+            "image_size": crop_size,
+            "patch_size": PATCH_SIZE,
+            "hidden_act": "quick_gelu",
+        },
+        "hidden_act": "silu",
+        "hidden_size": 64,
+        "intermediate_size": 128,
+        "initializer_range": 0.2,
+        "max_position_embeddings": 4096,
+        "original_max_position_embeddings": 4096,
+        "num_attention_heads": 4,
+        "num_hidden_layers": 2,
+        "num_key_value_heads": 4,
+        "rms_norm_eps": 1e-05,
+        "rope_theta": 10000.0,
+        "sliding_window": 4096,
+        "tie_word_embeddings": False,
+        "torch_dtype": "float32",
+        "use_cache": True,
+        "vocab_size": MODEL_VOCAB_SIZE,
     }
-    config.architectures = ["TinyPhi3VForCausalLM"]
+    if real_image_shapes:
+        # Real prompts run past 4,096 positions: the hub's context and LongRoPE switch.
+        config.update(max_position_embeddings=131072, sliding_window=131072)
+        original_max_position_embeddings = original_max_position_embeddings or 4096
+    if original_max_position_embeddings is not None:
+        config.update(_longrope(config, original_max_position_embeddings))
     return config
+
+
+def _longrope(config: dict[str, Any], original_max_position_embeddings: int) -> dict[str, Any]:
+    """Phi-3-vision's rope scaling ("su", transformers' longrope), switching from the short to
+    the long factors past ``original_max_position_embeddings``."""
+    half_head = config["hidden_size"] // config["num_attention_heads"] // 2
+    return {
+        "rope_scaling": {
+            "type": "su",
+            "short_factor": [1.0 + 0.25 * n for n in range(half_head)],
+            "long_factor": [1.5 + 4.0 * n for n in range(half_head)],
+        },
+        "original_max_position_embeddings": original_max_position_embeddings,
+        "max_position_embeddings": max(
+            config["max_position_embeddings"], 4 * original_max_position_embeddings
+        ),
+    }
+
+
+def _preprocessor_json(real_image_shapes: bool) -> dict[str, Any]:
+    crop_size, tokens_per_crop = image_shapes(real_image_shapes)
+    return {
+        "image_processor_type": "Phi3VImageProcessor",
+        "processor_class": "Phi3VProcessor",
+        "num_crops": NUM_CROPS,
+        "num_img_tokens": tokens_per_crop,
+        "crop_size": crop_size,
+        "image_mean": CLIP_MEAN,
+        "image_std": CLIP_STD,
+    }
 
 
 def _unsayable_ids(tokenizer: PreTrainedTokenizerFast, vocab_size: int) -> list[int]:
@@ -214,14 +299,13 @@ def _unsayable_ids(tokenizer: PreTrainedTokenizerFast, vocab_size: int) -> list[
     return unsayable
 
 
-def _keep_random_text_clean(model: TinyPhi3VForCausalLM, unsayable: list[int]) -> None:
+def _keep_random_text_clean(model: Phi3VForCausalLM, unsayable: list[int]) -> None:
     """Make the random weights avoid ``unsayable`` ids on any code path, greedy or sampled.
 
-    Hidden dimension 0 is pinned to a constant: every token embedding and image feature
-    has ANCHOR there, no layer writes to it (and none reads it), so after the final RMSNorm
-    it is always positive. Only the unsayable ids' lm_head rows read it, with a negative
-    weight, and nothing else: their logits are always far below the others. A native
-    ``Phi3ForCausalLM`` sharing these weights behaves the same.
+    Hidden dimension 0 is pinned to a constant: every token embedding and image feature has
+    ANCHOR there, no layer writes to it (and none reads it), so after the final RMSNorm it is
+    always positive. Only the unsayable ids' lm_head rows read it, with a negative weight, and
+    nothing else: their logits are always far below the others.
     """
     inner = model.model
     with torch.no_grad():
@@ -239,69 +323,52 @@ def _keep_random_text_clean(model: TinyPhi3VForCausalLM, unsayable: list[int]) -
         model.lm_head.weight[unsayable, 0] = UNSAYABLE_WEIGHT
 
 
-def _check_script(script: list[dict]) -> list[dict]:
-    allowed = {"when", "reply", "seconds_per_token", "after_end", "fail"}
-    checked = []
-    for rule in script:
-        unknown = set(rule) - allowed
-        if unknown or "reply" not in rule:
-            raise ValueError(f"bad script rule {rule!r}: needs 'reply', may have {sorted(allowed)}")
-        checked.append({"when": "", "seconds_per_token": 0.0, "after_end": None, **rule})
-    return checked
+def save_hub_weights(state_dict: dict[str, torch.Tensor], directory: Path, *, shards: int = 1) -> None:
+    """safetensors as the hub stores them: one file, or about ``shards`` files and an index."""
+    total = sum(tensor.numel() * tensor.element_size() for tensor in state_dict.values())
+    save_hub_checkpoint(
+        state_dict, directory, max_shard_size=total + 1 if shards <= 1 else total // shards + 1
+    )
 
 
-def _write_full_config(config: TinyPhi3VConfig, path: Path) -> None:
-    """Write every model field, like the hub's config.json.
+def build_tiny_model(
+    directory: Path,
+    *,
+    real_image_shapes: bool = False,
+    shards: int = 1,
+    dtype: torch.dtype = torch.float32,
+    original_max_position_embeddings: int | None = None,
+) -> Path:
+    """Write a tiny native Phi-3-vision checkpoint into ``directory`` and return it.
 
-    ``save_pretrained`` leaves out values equal to the class defaults, so a reader that
-    builds a plain ``Phi3Config`` from the JSON would get Phi-3-mini's sizes; generic
-    ``PretrainedConfig`` fields at their defaults are left out as noise.
-    """
-    generic = PretrainedConfig().to_dict()
-    keep = {"architectures", "auto_map", "bos_token_id", "eos_token_id", "pad_token_id"}
-    values = {
-        key: value
-        for key, value in config.to_dict().items()
-        if not key.startswith("_") and (key in keep or key not in generic or generic[key] != value)
-    }
-    path.write_text(json.dumps(values, indent=2, sort_keys=True) + "\n")
-
-
-def build_tiny_model(directory: Path, *, script: list[dict] | None = None) -> Path:
-    """Write a loadable tiny Phi-3-vision look-alike into ``directory`` and return it.
-
-    ``script``: rules ``{"when": substring, "reply": text, "seconds_per_token": 0.0,
-    "after_end": text or None}``; see ``modeling_tiny_phi3_v`` for how they are applied.
+    ``real_image_shapes``: the hub's image numbers (336-pixel crops, 144 features per crop, so
+    prompts are as long as the real model's: 1280x720 at 16 crops is 2,353 image positions)
+    with a tiny vision tower. ``shards``: weights split over about that many files with an index.
+    ``dtype``: the stored dtype. ``original_max_position_embeddings``: add the hub's LongRoPE
+    scaling, switching to the long factors past that many positions (real_image_shapes: the
+    hub's 4,096 and 131,072 positions unless given).
     """
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     tokenizer = build_tokenizer()
     tokenizer.save_pretrained(directory)
-
-    config = _config(tokenizer, _check_script(script or []))
+    config_json = _config_json(
+        tokenizer,
+        real_image_shapes=real_image_shapes,
+        original_max_position_embeddings=original_max_position_embeddings,
+    )
+    config_json["torch_dtype"] = str(dtype).removeprefix("torch.")
+    (directory / "config.json").write_text(json.dumps(config_json, indent=2, sort_keys=True) + "\n")
+    (directory / "preprocessor_config.json").write_text(
+        json.dumps(_preprocessor_json(real_image_shapes), indent=2) + "\n"
+    )
+    config = Phi3VConfig.from_pretrained(directory)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(SEED)
-        model = TinyPhi3VForCausalLM(config).eval()
+        model = Phi3VForCausalLM(config).eval()
     _keep_random_text_clean(model, _unsayable_ids(tokenizer, config.vocab_size))
-    model.save_pretrained(directory, safe_serialization=True)
-    _write_full_config(model.config, directory / "config.json")
-
-    preprocessor = {
-        "auto_map": {
-            "AutoProcessor": "processing_tiny_phi3_v.TinyPhi3VProcessor",
-            "AutoImageProcessor": "image_processing_tiny_phi3_v.TinyPhi3VImageProcessor",
-        },
-        "image_processor_type": "TinyPhi3VImageProcessor",
-        "processor_class": "TinyPhi3VProcessor",
-        "num_crops": NUM_CROPS,
-        "crop_size": CROP_SIZE,
-        "tokens_per_crop": TOKENS_PER_CROP,
-        "image_mean": [0.48145466, 0.4578275, 0.40821073],
-        "image_std": [0.26862954, 0.26130258, 0.27577711],
-    }
-    (directory / "preprocessor_config.json").write_text(json.dumps(preprocessor, indent=2) + "\n")
-    for name in REMOTE_CODE_FILES:
-        shutil.copyfile(HERE / name, directory / name)
+    weights = {key: tensor.to(dtype) for key, tensor in hub_state_dict(model).items()}
+    save_hub_weights(weights, directory, shards=shards)
     return directory
 
 
@@ -311,23 +378,30 @@ def copy_with_longrope(source: Path, target: Path, original_max_position_embeddi
     small here, so tests cross the switch in a few dozen tokens."""
     shutil.copytree(source, target)
     config = json.loads((target / "config.json").read_text())
-    half_head = config["hidden_size"] // config["num_attention_heads"] // 2
-    config["rope_scaling"] = {
-        "type": "su",
-        "short_factor": [1.0 + 0.25 * n for n in range(half_head)],
-        "long_factor": [1.5 + 4.0 * n for n in range(half_head)],
-    }
-    config["original_max_position_embeddings"] = original_max_position_embeddings
-    (target / "config.json").write_text(json.dumps(config, indent=2))
+    config.update(_longrope(config, original_max_position_embeddings))
+    (target / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
     return target
 
 
 def copy_with_load_gate(source: Path, target: Path, gate: Path) -> Path:
-    """The same model, whose loading waits until something is written to the named pipe
-    ``gate`` (made here): a bot that is still starting when questions arrive."""
+    """The same model, marked with ``load_gate``: a named pipe (made here) that
+    ``wait_for_load_gate`` reads until something is written to it (a bot that is still
+    starting when questions arrive). Nothing in ``inference`` reads it: the test harness that
+    starts the bot calls ``wait_for_load_gate`` before loading."""
     shutil.copytree(source, target)
     os.mkfifo(gate)
     config = json.loads((target / "config.json").read_text())
     config["load_gate"] = str(gate)
-    (target / "config.json").write_text(json.dumps(config, indent=2))
+    (target / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
     return target
+
+
+def wait_for_load_gate(model_dir: str | os.PathLike[str]) -> None:
+    """Block until the model directory's ``load_gate`` pipe is written to (no gate: return)."""
+    config_path = Path(model_dir) / "config.json"
+    if not config_path.is_file():
+        return
+    gate = json.loads(config_path.read_text()).get("load_gate")
+    if gate:
+        with open(gate, "rb") as pipe:  # blocks until the test opens it for writing
+            pipe.read()

@@ -1,0 +1,193 @@
+"""The model runner: prefill chunks and decode steps of the native model over a ``SlotCache``.
+
+A decode step is one forward of the model's own ``Phi3Model`` (attention through
+``slot_attention``) over the BUSY rows only, each attending over the positions it has
+filled: the step's shape is (busy rows, length), where length covers the longest busy row.
+Eager (COMPILE off) and compiled on the CPU (inductor, symbolic shapes) both are exact, so
+one row's step costs one row. With CUDA graphs (COMPILE on CUDA) both are rounded up to
+buckets (rows 1, 2, 4, 8, 16...; lengths a multiple of ``length_bucket``) so that shapes
+repeat and graphs replay; the padding rows write to the cache's scratch row. The prefill
+runs eagerly, one chunk of one prompt at a time, the chunk's K/V written into its slot.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Mapping
+from typing import Any
+
+import torch
+
+from .kv_cache import SlotCache
+from .slot_attention import chunk_mask, decode_mask, use_slot_attention
+
+log = logging.getLogger(__name__)
+
+DEFAULT_LENGTH_BUCKET = 256
+
+
+def row_buckets(slots: int) -> list[int]:
+    """1, 2, 4, 8... up to ``slots`` (which is always the last one)."""
+    buckets = []
+    size = 1
+    while size < slots:
+        buckets.append(size)
+        size *= 2
+    return [*buckets, slots]
+
+
+def round_up(value: int, bucket: int) -> int:
+    return -(-value // bucket) * bucket
+
+
+class ModelRunner:
+    """Runs ``model`` (a Phi-3-vision model: ``embed_prompt``, ``.model``, ``.lm_head``) on
+    ``cache``. ``compile``: the decode step through ``torch.compile`` (CUDA graphs on CUDA)."""
+
+    def __init__(
+        self,
+        model: Any,
+        cache: SlotCache,
+        *,
+        device: torch.device,
+        dtype: torch.dtype,
+        pad_id: int,
+        compile: bool = False,
+        length_bucket: int = DEFAULT_LENGTH_BUCKET,
+    ) -> None:
+        self.attention = use_slot_attention(model)
+        self.model = model
+        self.device = device
+        self.dtype = dtype
+        self.pad_id = int(pad_id)
+        self.compile = compile
+        self.cache = cache
+        self.window = getattr(model.config, "sliding_window", None)
+        # CUDA graphs replay fixed shapes: buckets of rows and lengths. Eager, or compiled on
+        # the CPU (one graph with symbolic shapes), every step runs its exact shape.
+        self.graphs = compile and device.type == "cuda"
+        self.length_bucket = max(1, int(length_bucket)) if self.graphs else 1
+        self._row_buckets = row_buckets(cache.slots) if self.graphs else None
+        self._embed_tokens = model.get_input_embeddings()
+        self._decode = self._decode_forward
+        # What the last decode step ran: (rows, length), padding included.
+        self.last_decode_shape: tuple[int, int] | None = None
+        if compile:
+            import torch._dynamo.config as dynamo_config
+
+            # Each (rows, length) bucket may re-trace at first; the default limit is 8.
+            dynamo_config.recompile_limit = max(dynamo_config.recompile_limit, 256)
+            cache.mark_static()
+            mode = "reduce-overhead" if device.type == "cuda" else None
+            # CPU: every shape from one graph (rows of 1 get their own); CUDA: graphs per bucket.
+            dynamic = None if self.graphs else True
+            self._decode = torch.compile(self._decode_forward, mode=mode, fullgraph=True, dynamic=dynamic)
+
+    # --- prefill -------------------------------------------------------------------------
+
+    def embed_prompt(self, inputs: Mapping[str, torch.Tensor]) -> torch.Tensor:
+        """One prompt's input embeddings (positions x hidden), images included."""
+        pixel_values = inputs.get("pixel_values")
+        if pixel_values is not None:
+            pixel_values = pixel_values.to(self.device, self.dtype)
+        image_sizes = inputs.get("image_sizes")
+        with torch.inference_mode():
+            embeds = self.model.embed_prompt(
+                inputs["input_ids"].to(self.device),
+                pixel_values=pixel_values,
+                image_sizes=None if image_sizes is None else image_sizes.to(self.device),
+            )
+        return embeds[0].to(self.dtype)
+
+    def prefill(self, slot: int, embeds: torch.Tensor, start: int) -> torch.Tensor:
+        """Positions ``[start, start + len(embeds))`` of the prompt in ``slot`` (which holds
+        ``start`` positions already); returns the logits after its last position (vocab,)."""
+        if self.cache.filled(slot) != start:
+            raise ValueError(f"slot {slot} holds {self.cache.filled(slot)} positions, not {start}")
+        end = start + embeds.shape[0]
+        if end > self.cache.length:
+            raise ValueError(f"a {end}-token prompt does not fit a {self.cache.length}-token slot")
+        with torch.inference_mode():
+            hidden = self.model.model(
+                inputs_embeds=embeds[None],
+                position_ids=torch.arange(start, end, device=self.device)[None],
+                # From position 0 the model's own causal mask (or sdpa's is_causal) is right.
+                attention_mask=None if start == 0 else chunk_mask(start, end, self.device, self.window),
+                use_cache=False,
+                slot_cache=self.cache,
+                slot_index=slot,
+                slot_start=start,
+            ).last_hidden_state
+            logits = self.model.lm_head(hidden[0, -1:]).float()[0]
+        self.cache.advance(slot, end - start)
+        return logits
+
+    # --- decode --------------------------------------------------------------------------
+
+    def decode_shape(self, rows: int, longest: int) -> tuple[int, int]:
+        """(rows, length) a step over ``rows`` busy rows, the longest holding ``longest``
+        positions after this step, runs as."""
+        if self._row_buckets is None:
+            return rows, longest
+        bucket_rows = next(size for size in self._row_buckets if size >= rows)
+        return bucket_rows, min(round_up(longest, self.length_bucket), self.cache.length)
+
+    def decode(self, slots: list[int], tokens: list[int]) -> torch.Tensor:
+        """One decode step: each slot takes its token at its next position; returns the
+        logits (len(slots) x vocab, float32)."""
+        positions = [self.cache.filled(slot) for slot in slots]
+        if max(positions) >= self.cache.length:
+            raise ValueError("a slot ran past the end of the KV cache")
+        rows, length = self.decode_shape(len(slots), max(positions) + 1)
+        padding = rows - len(slots)
+        consecutive = not self.compile and slots == list(range(slots[0], slots[0] + len(slots)))
+        logits = self._run(
+            [*slots, *[self.cache.scratch] * padding],
+            [*tokens, *[self.pad_id] * padding],
+            [*positions, *[0] * padding],
+            length,
+            first=slots[0] if consecutive else None,
+        )[: len(slots)]
+        for slot in slots:
+            self.cache.advance(slot, 1)
+        return logits
+
+    def run_shape(self, rows: int, length: int) -> None:
+        """Run (compile, record) the decode step of one bucket shape on the scratch row only:
+        for the warm-up; no slot changes."""
+        self._run([self.cache.scratch] * rows, [self.pad_id] * rows, [length - 1] * rows, length)
+
+    @torch.inference_mode()  # inputs made inside it too: a compiled graph guards on that
+    def _run(
+        self, slots: list[int], tokens: list[int], positions: list[int], length: int, first: int | None = None
+    ) -> torch.Tensor:
+        self.last_decode_shape = (len(slots), length)
+        ids = torch.tensor(tokens, dtype=torch.long)[:, None].to(self.device)
+        rows = torch.tensor(slots, dtype=torch.long).to(self.device)
+        where = torch.tensor(positions, dtype=torch.long).to(self.device)
+        mask = decode_mask(where, length, self.window)
+        if first is None:
+            logits = self._decode(ids, rows, where, mask)
+        else:
+            logits = self._decode_forward(ids, rows, where, mask, first)
+        return logits.float().clone()  # a CUDA graph's output is overwritten by its next replay
+
+    def _decode_forward(
+        self,
+        ids: torch.Tensor,
+        rows: torch.Tensor,
+        positions: torch.Tensor,
+        mask: torch.Tensor,
+        first: int | None = None,
+    ) -> torch.Tensor:
+        hidden = self.model.model(
+            inputs_embeds=self._embed_tokens(ids),
+            position_ids=positions[:, None],
+            attention_mask=mask,
+            use_cache=False,
+            slot_cache=self.cache,
+            slot_rows=rows,
+            slot_positions=positions,
+            slot_first=first,
+        ).last_hidden_state
+        return self.model.lm_head(hidden[:, -1])
