@@ -95,7 +95,9 @@ class StreamingReply:
                     continue
                 started = time.monotonic()
                 try:
-                    called = await self._show()
+                    # Shielded: a Cancel that lands inside discord.py's rate limiter would
+                    # leave the route's bucket shut for 30 s (the final update then waits).
+                    called = await asyncio.shield(self._show())
                 except DISCORD_FAILURES as error:
                     if channel_gone(error):
                         raise
