@@ -14,13 +14,19 @@ from discord import app_commands
 from inference import Conversation, Engine, EngineClosed, EngineError, Turn
 
 from .access import is_allowed
+from .admin_commands import register_admin_commands
 from .answering import answer, notice, unexpected_error_notice
 from .discord_api import use_gateway_of_api
 from .history import collect_images, question_text, thread_conversation
 from .images import ImageFetcher, ImageLimits, ImageProblem
 from .limits import Refused, RequestGate
+from .metrics import ENGINE_PROBLEMS, MeteredEngine, Metrics
+from .ops_server import gateway_problem
+from .quotas import DailyQuotas, is_moderator
 from .replies import EditableMessage, SendMessage
+from .server_settings import ServerSettings
 from .settings import BotSettings
+from .storage import Storage
 
 log = logging.getLogger(__name__)
 
@@ -57,7 +63,11 @@ class SeeBot(discord.Client):
             **client_options,
         )
         self.settings = settings
-        self.engine = engine
+        self.metrics = Metrics()
+        self.engine = MeteredEngine(engine, self.metrics)
+        self.storage = Storage(settings.data_dir)
+        self.server_settings = ServerSettings(settings, self.storage)
+        self.quotas = DailyQuotas(self.storage, self.server_settings)
         self.tree = app_commands.CommandTree(self)
         self.exit_code = 0
         self._engine_ready = asyncio.Event()
@@ -75,7 +85,10 @@ class SeeBot(discord.Client):
             await use_gateway_of_api(self)
         # The model loads on the engine's worker thread while the gateway connects.
         self._engine_task = asyncio.create_task(self._start_engine(), name="engine-start")
+        await self.storage.open()
+        await self.server_settings.load()
         register_commands(self.tree, self)
+        register_admin_commands(self.tree, self.server_settings, self.settings)
         self.tree.on_error = self._on_command_error
         guild = discord.Object(self.settings.dev_guild_id) if self.settings.dev_guild_id else None
         if guild is not None:
@@ -126,6 +139,15 @@ class SeeBot(discord.Client):
             self._engine_task.cancel()
         await self.engine.close()
         await self.images.close()
+        await self.storage.close()
+
+    def health_problem(self) -> str | None:
+        """Why the bot cannot answer now (for /healthz), or None when it can."""
+        if self.shutting_down:
+            return "the bot is shutting down"
+        if self.engine.state != "ready":
+            return ENGINE_PROBLEMS[self.engine.state]
+        return gateway_problem(self)
 
     async def on_ready(self) -> None:
         assert self.user is not None
@@ -141,22 +163,26 @@ class SeeBot(discord.Client):
         channel = message.channel
         mentioned = self.user in message.mentions
         if isinstance(channel, discord.DMChannel):
-            handle = self._answer_message
+            handle, kind = self._answer_message, "dm"
         elif isinstance(channel, discord.Thread) and channel.owner_id == self.user.id:
-            handle = self._answer_follow_up  # type: ignore[assignment]
+            handle, kind = self._answer_follow_up, "follow-up"  # type: ignore[assignment]
         elif mentioned and isinstance(channel, discord.Thread):
-            handle = self._answer_message
+            handle, kind = self._answer_message, "mention"
         elif mentioned:
-            handle = self._answer_in_new_thread  # type: ignore[assignment]
+            handle, kind = self._answer_in_new_thread, "mention"  # type: ignore[assignment]
         else:
             return
-        if not is_allowed(self.settings, message.author, channel, message.guild):
+        if not self._allowed(message.author, channel, message.guild):
             log.info(
                 "ignoring a question from user %s in channel %s: not allowed", message.author.id, channel.id
             )
+            self.metrics.count(kind, "refused")
             return
         try:
-            with self.gate.admit(message.author.id), self._tracked():
+            with self.metrics.question(kind), self.gate.admit(message.author.id), self._tracked():
+                guild_id = message.guild.id if message.guild else None
+                moderator = is_moderator(message.author, channel)
+                await self.quotas.take(guild_id, message.author.id, moderator=moderator)
                 await handle(message, channel)  # type: ignore[arg-type]
         except Refused as refusal:
             log.info("refused a question from user %s: %s", message.author.id, refusal)
@@ -171,6 +197,12 @@ class SeeBot(discord.Client):
                 channel.id,
                 error,
             )
+
+    def _allowed(self, user: discord.abc.User, channel: object, guild: discord.Guild | None) -> bool:
+        """The environment's access lists, then the server's own channel list (`/seebot channels`)."""
+        return is_allowed(self.settings, user, channel, guild) and self.server_settings.answers_in(
+            guild and guild.id, channel
+        )
 
     @contextlib.contextmanager
     def _tracked(self) -> Iterator[None]:
@@ -201,14 +233,14 @@ class SeeBot(discord.Client):
                 )
             else:
                 await self._respond(
-                    Conversation.single(question or self._default_question, images),
+                    Conversation.single(question or self._describe_prompt(message.guild), images),
                     thread,
                     message.author,
                     notices=collected.notices,
                 )
                 return
         await self._respond(
-            Conversation.single(question or self._default_question, images),
+            Conversation.single(question or self._describe_prompt(message.guild), images),
             message.channel,
             message.author,
             reference=message,
@@ -222,7 +254,7 @@ class SeeBot(discord.Client):
         if not question and not images:
             await message.reply("\n".join(notice(text) for text in [*collected.notices, NO_QUESTION]))
             return
-        conversation = Conversation.single(question or self._default_question, images)
+        conversation = Conversation.single(question or self._describe_prompt(message.guild), images)
         await self._respond(
             conversation, channel, message.author, reference=message, notices=collected.notices
         )
@@ -230,7 +262,9 @@ class SeeBot(discord.Client):
     async def _answer_follow_up(self, message: discord.Message, thread: discord.Thread) -> None:
         assert self.user is not None
         async with thread.typing():
-            rebuilt = await thread_conversation(thread, self.user, self._default_question, self.images)
+            rebuilt = await thread_conversation(
+                thread, self.user, self._describe_prompt(thread.guild), self.images
+            )
         conversation = rebuilt.conversation
         if not conversation.turns or conversation.turns[-1].role != "user":
             return
@@ -301,12 +335,16 @@ class SeeBot(discord.Client):
         if self.shutting_down:
             await interaction.response.send_message(notice(CUT_OFF), ephemeral=True)
             return
-        if not is_allowed(self.settings, interaction.user, interaction.channel, interaction.guild):
+        kind = interaction.command.name if interaction.command else "command"
+        if not self._allowed(interaction.user, interaction.channel, interaction.guild):
             log.info("refused /%s from user %s: not allowed here", interaction.command, interaction.user.id)
+            self.metrics.count(kind, "refused")
             await interaction.response.send_message(notice(NOT_ALLOWED), ephemeral=True)
             return
         try:
-            with self.gate.admit(interaction.user.id), self._tracked():
+            with self.metrics.question(kind), self.gate.admit(interaction.user.id), self._tracked():
+                moderator = interaction.guild_id is not None and interaction.permissions.manage_messages
+                await self.quotas.take(interaction.guild_id, interaction.user.id, moderator=moderator)
                 await interaction.response.defer(thinking=True)
                 await self._answer_interaction(interaction, question, attachments)
         except Refused as refusal:
@@ -371,9 +409,9 @@ class SeeBot(discord.Client):
         assert self.user is not None
         return self.user.id
 
-    @property
-    def _default_question(self) -> str:
-        return self.settings.describe_prompt
+    def _describe_prompt(self, guild: discord.Guild | None) -> str:
+        """The question for images sent without one: the server's describe prompt."""
+        return self.server_settings.prompt(guild and guild.id, "describe")
 
 
 class ShardedSeeBot(SeeBot, discord.AutoShardedClient):

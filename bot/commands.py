@@ -32,7 +32,8 @@ def register_commands(tree: app_commands.CommandTree, bot: SeeBot) -> None:
     @tree.command(name="ocr", description="Read all the text in an image")
     @app_commands.describe(image="The image to read")
     async def ocr(interaction: discord.Interaction, image: discord.Attachment) -> None:
-        await bot.answer_interaction(interaction, bot.settings.ocr_prompt, [image])
+        prompt = bot.server_settings.prompt(interaction.guild_id, "ocr")
+        await bot.answer_interaction(interaction, prompt, [image])
 
     @tree.command(name="compare", description="Compare two images")
     @app_commands.describe(
@@ -46,4 +47,5 @@ def register_commands(tree: app_commands.CommandTree, bot: SeeBot) -> None:
         image2: discord.Attachment,
         question: app_commands.Range[str, 1, 2000] | None = None,
     ) -> None:
-        await bot.answer_interaction(interaction, question or bot.settings.compare_prompt, [image1, image2])
+        prompt = question or bot.server_settings.prompt(interaction.guild_id, "compare")
+        await bot.answer_interaction(interaction, prompt, [image1, image2])
