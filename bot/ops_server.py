@@ -19,18 +19,25 @@ log = logging.getLogger(__name__)
 
 
 def gateway_problem(client: discord.Client) -> str | None:
-    """Why the client is not connected to Discord's gateway now, or None when it is."""
+    """Why the client is not connected to Discord's gateway now, or None when it is.
+
+    Connected means a live websocket whose session Discord accepted (READY), not discord.py's
+    `is_ready()`, which waits a further two seconds for the guilds to arrive.
+    """
     if client.is_closed():
         return "the bot is shutting down"
-    if not client.is_ready():
-        return "not connected to the Discord gateway yet"
     if isinstance(client, discord.AutoShardedClient):
         down = sorted(shard_id for shard_id, shard in client.shards.items() if shard.is_closed())
-        if down:
-            return f"gateway shards {down} are reconnecting"
-        return None
-    if client.ws is None or not client.ws.open:
-        return "the gateway connection was lost; reconnecting"
+        if not client.shards or down:
+            return (
+                f"gateway shards {down} are not connected"
+                if down
+                else "not connected to the Discord gateway yet"
+            )
+    elif client.ws is None or not client.ws.open:
+        return "not connected to the Discord gateway"
+    if client.user is None:
+        return "not connected to the Discord gateway yet"
     return None
 
 

@@ -60,7 +60,7 @@ class DailyQuotas:
         storage: Storage,
         server_settings: ServerSettings,
         *,
-        clock: Callable[[], datetime.datetime] = utc_now,
+        clock: Callable[[], datetime.datetime] | None = None,
     ) -> None:
         self._storage = storage
         self._servers = server_settings
@@ -71,7 +71,7 @@ class DailyQuotas:
         limit = self._servers.questions_per_day(guild_id)
         if limit <= 0 or moderator:
             return
-        now = self._clock()
+        now = self._clock() if self._clock is not None else utc_now()
         day = now.astimezone(datetime.timezone.utc).date().isoformat()
         try:
             taken, used = await self._storage.take_question(guild_id or DIRECT_MESSAGES, user_id, day, limit)

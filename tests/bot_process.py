@@ -50,17 +50,24 @@ def bot_env(fake: FakeDiscord, model_dir: Path) -> dict[str, str]:
 
 
 async def start_bot(
-    fake: FakeDiscord, model_dir: Path, workdir: Path, *, wait_for_model: bool = True, **settings: str
+    fake: FakeDiscord,
+    model_dir: Path,
+    workdir: Path,
+    *,
+    wait_for_model: bool = True,
+    module: str = "bot",
+    **settings: str,
 ) -> RunningBot:
     """The bot with the tiny model, `settings` added to its environment; returns once it has
     connected and registered its slash commands and (``wait_for_model``) shows itself online,
-    which it does once the model is loaded and warmed up."""
+    which it does once the model is loaded and warmed up. ``module``: what `python -m` runs
+    (``tests.clocked_bot``: the bot with a clock the test sets)."""
     log_path = workdir / "bot.log"
     with log_path.open("wb") as log_file:
         process = await asyncio.create_subprocess_exec(
             sys.executable,
             "-m",
-            "bot",
+            module,
             cwd=workdir,
             env={**bot_env(fake, model_dir), **settings},
             stdin=subprocess.DEVNULL,
