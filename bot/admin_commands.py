@@ -22,7 +22,9 @@ log = logging.getLogger(__name__)
 
 NOT_ADMIN = "⚠️ Only members with the Manage Server permission can change SeeBot's settings."
 SERVERS_ONLY = "⚠️ These settings belong to a server: use `/seebot` there."
-SHOWN_PROMPT_LENGTH = 300  # three prompts of 1,000 characters would not fit in one message
+# Three prompts of 1,000 characters, or a hundred channels, would not fit in one message.
+SHOWN_PROMPT_LENGTH = 300
+SHOWN_CHANNELS = 20
 PROMPT_NAMES = {
     "ocr": "OCR prompt (/ocr)",
     "describe": "Describe prompt",
@@ -81,7 +83,9 @@ class AdminCommands:
         """This server's effective settings, each with where it comes from."""
         channels = self._servers.channels(guild_id)
         if channels:
-            where = ", ".join(f"<#{c}>" for c in sorted(channels)) + " (server)"
+            listed = sorted(channels)[:SHOWN_CHANNELS]
+            more = f" and {len(channels) - len(listed)} more" if len(channels) > len(listed) else ""
+            where = ", ".join(f"<#{c}>" for c in listed) + more + " (server)"
         elif self._defaults.allowed_channel_ids:
             where = "the channels in ALLOWED_CHANNEL_IDS (default)"
         else:

@@ -73,6 +73,7 @@ class Storage:
         self._busy_timeout = busy_timeout
         self._thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="storage")
         self._db: sqlite3.Connection | None = None
+        self._closed = False
         # None while the file is in use; else why it is not (settings cannot be saved).
         self.problem: str | None = None
 
@@ -116,6 +117,11 @@ class Storage:
         self._db = db
 
     async def close(self) -> None:
+        """Close the database and its thread; later calls do nothing."""
+        if self._closed:
+            return
+        self._closed = True
+
         def close_db() -> None:
             if self._db is not None:
                 self._db.close()

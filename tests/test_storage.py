@@ -220,3 +220,19 @@ async def test_a_locked_database_at_start_and_while_running(tmp_path: Path) -> N
     finally:
         locker.execute("ROLLBACK")
         locker.close()
+
+
+async def test_show_fits_in_one_message_with_long_prompts_and_many_channels(tmp_path: Path) -> None:
+    from bot.admin_commands import AdminCommands
+
+    storage = await opened(tmp_path)
+    servers = ServerSettings(defaults(), storage)
+    for use in ("ocr", "describe", "compare"):
+        await servers.set_prompt(GUILD, use, "word " * 200)  # type: ignore[arg-type]
+    await servers.set_channels(GUILD, frozenset(range(10**17, 10**17 + 100)))
+    await servers.set_daily_quota(GUILD, 7)
+    shown = AdminCommands(servers, defaults()).describe(GUILD)
+    assert len(shown) <= 2000
+    assert "and 80 more (server)" in shown and "Daily questions: 7 per person (server)" in shown
+    await storage.close()
+    await storage.close()  # twice: the bot's close can run twice at shutdown
