@@ -69,7 +69,7 @@ async def start_bot(
             "-m",
             module,
             cwd=workdir,
-            env={**bot_env(fake, model_dir), **settings},
+            env={**bot_env(fake, model_dir), "DATA_DIR": str(workdir / "seebot-data"), **settings},
             stdin=subprocess.DEVNULL,
             stdout=log_file,
             stderr=subprocess.STDOUT,
