@@ -70,8 +70,11 @@ class AdminCommands:
         except NotSaved as error:
             await interaction.response.send_message(not_saved(error), ephemeral=True)
             return
+        await self._done(interaction, what, done)
+
+    async def _done(self, interaction: discord.Interaction, what: str, reply: str) -> None:
         log.info("user %s changed %s in server %s", interaction.user.id, what, interaction.guild_id)
-        await interaction.response.send_message(done, ephemeral=True)
+        await interaction.response.send_message(reply, ephemeral=True)
 
     async def show(self, interaction: discord.Interaction) -> None:
         guild_id = await self._allowed(interaction)
@@ -105,33 +108,42 @@ class AdminCommands:
         guild_id = await self._allowed(interaction)
         if guild_id is None:
             return
-        channels = self._servers.channels(guild_id) | {channel.id}
+        try:
+            channels = await self._servers.add_channel(guild_id, channel.id)
+        except NotSaved as error:
+            await interaction.response.send_message(not_saved(error), ephemeral=True)
+            return
         done = f"I'll answer in {channel.mention}" + (
             "." if len(channels) == 1 else f" and {len(channels) - 1} more channels."
         )
         if self._defaults.allowed_channel_ids and channel.id not in self._defaults.allowed_channel_ids:
             done += " Note: the bot's ALLOWED_CHANNEL_IDS does not include it, so I still won't answer there."
-        await self._change(interaction, "channels", self._servers.set_channels(guild_id, channels), done)
+        await self._done(interaction, "channels", done)
 
     async def remove_channel(self, interaction: discord.Interaction, channel: discord.TextChannel) -> None:
         guild_id = await self._allowed(interaction)
         if guild_id is None:
             return
-        channels = self._servers.channels(guild_id) - {channel.id}
-        if channel.id not in self._servers.channels(guild_id):
+        listed = channel.id in self._servers.channels(guild_id)
+        try:
+            channels = await self._servers.remove_channel(guild_id, channel.id)
+        except NotSaved as error:
+            await interaction.response.send_message(not_saved(error), ephemeral=True)
+            return
+        if not listed:
             done = f"{channel.mention} was not in the list; nothing changed."
         elif channels:
             done = f"I won't answer in {channel.mention} any more."
         else:
             done = f"Removed {channel.mention}; the list is empty, so I answer in every channel again."
-        await self._change(interaction, "channels", self._servers.set_channels(guild_id, channels), done)
+        await self._done(interaction, "channels", done)
 
     async def clear_channels(self, interaction: discord.Interaction) -> None:
         guild_id = await self._allowed(interaction)
         if guild_id is None:
             return
         done = "The channel list is empty: I answer in every channel the bot is allowed in."
-        await self._change(interaction, "channels", self._servers.set_channels(guild_id, frozenset()), done)
+        await self._change(interaction, "channels", self._servers.clear_channels(guild_id), done)
 
     async def set_prompt(self, interaction: discord.Interaction, use: PromptUse, text: str | None) -> None:
         guild_id = await self._allowed(interaction)

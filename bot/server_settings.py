@@ -8,6 +8,7 @@ on the disk; a change is saved first and applied only once saved, to the next qu
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from dataclasses import dataclass, replace
 from typing import Literal
@@ -57,6 +58,7 @@ class ServerSettings:
         self._defaults = defaults
         self._storage = storage
         self._servers: dict[int, ServerRecord] = {}
+        self._channels_lock = asyncio.Lock()
 
     @property
     def can_save(self) -> bool:
@@ -129,9 +131,23 @@ class ServerSettings:
         await self._storage.save_value(guild_id, "daily_quota", None if questions is None else str(questions))
         self._servers[guild_id] = replace(self._record(guild_id), daily_quota=questions)
 
-    async def set_channels(self, guild_id: int, channels: frozenset[int]) -> None:
+    async def add_channel(self, guild_id: int, channel_id: int) -> frozenset[int]:
+        """Answer in this channel too; returns the server's channels now."""
+        async with self._channels_lock:  # two admins at once: neither change is lost
+            return await self._save_channels(guild_id, self.channels(guild_id) | {channel_id})
+
+    async def remove_channel(self, guild_id: int, channel_id: int) -> frozenset[int]:
+        async with self._channels_lock:
+            return await self._save_channels(guild_id, self.channels(guild_id) - {channel_id})
+
+    async def clear_channels(self, guild_id: int) -> None:
+        async with self._channels_lock:
+            await self._save_channels(guild_id, frozenset())
+
+    async def _save_channels(self, guild_id: int, channels: frozenset[int]) -> frozenset[int]:
         await self._storage.save_channels(guild_id, channels)
         self._servers[guild_id] = replace(self._record(guild_id), channels=channels)
+        return channels
 
 
 __all__ = ["InvalidSetting", "NotSaved", "PromptUse", "ServerSettings", "Sourced", "check_prompt"]

@@ -102,8 +102,8 @@ class Storage:
         db = sqlite3.connect(self.path, timeout=self._busy_timeout, isolation_level=None)
         try:
             mode = db.execute("PRAGMA journal_mode=WAL").fetchone()[0]
-            if mode.lower() != "wal":
-                raise sqlite3.OperationalError(f"WAL mode refused (journal mode {mode})")
+            if mode.lower() != "wal":  # e.g. a network file system: slower, still correct
+                log.warning("%s: WAL mode is not available here, journal mode %s", self.path, mode)
             _migrate(db)
         except BaseException:
             db.close()

@@ -1585,13 +1585,14 @@ class FakeDiscord:
         """Discord offers a command to members who hold all its default_member_permissions
         (administrators always), unless the server's Integrations settings say otherwise."""
         override = self.command_overrides.get((command["name"], int(invoker["id"])))
-        required = int(command.get("default_member_permissions") or 0)
-        if override is None:
-            allowed = command.get("default_member_permissions") != "0" and (
-                granted & required == required or bool(granted & ADMINISTRATOR)
-            )
-        else:
+        default = command.get("default_member_permissions")  # None: everyone; "0": administrators only
+        required = int(default or 0)
+        if override is not None:
             allowed = override
+        elif granted & ADMINISTRATOR or default is None:
+            allowed = True
+        else:
+            allowed = default != "0" and granted & required == required
         if not allowed:
             raise PermissionError(
                 f"Discord does not offer /{command['name']} to {invoker['username']}: it needs "

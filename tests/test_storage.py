@@ -36,7 +36,8 @@ async def test_settings_are_saved_in_wal_mode_and_read_back_after_a_restart(tmp_
     servers = ServerSettings(defaults(), storage)
     await servers.load()
     await servers.set_prompt(GUILD, "ocr", "Read it all")
-    await servers.set_channels(GUILD, frozenset({5, 6}))
+    await servers.add_channel(GUILD, 5)
+    await servers.add_channel(GUILD, 6)
     await servers.set_daily_quota(GUILD, 3)
     await storage.close()
 
@@ -64,7 +65,7 @@ async def test_channels_narrow_where_it_answers_and_threads_follow_their_channel
     storage = await opened(tmp_path)
     servers = ServerSettings(defaults(), storage)
     assert servers.answers_in(GUILD, type("C", (), {"id": 5, "parent_id": None})())
-    await servers.set_channels(GUILD, frozenset({5}))
+    await servers.add_channel(GUILD, 5)
     assert servers.answers_in(GUILD, type("C", (), {"id": 5, "parent_id": None})())
     assert servers.answers_in(GUILD, type("T", (), {"id": 99, "parent_id": 5})())
     assert not servers.answers_in(GUILD, type("C", (), {"id": 6, "parent_id": None})())
@@ -229,7 +230,7 @@ async def test_show_fits_in_one_message_with_long_prompts_and_many_channels(tmp_
     servers = ServerSettings(defaults(), storage)
     for use in ("ocr", "describe", "compare"):
         await servers.set_prompt(GUILD, use, "word " * 200)  # type: ignore[arg-type]
-    await servers.set_channels(GUILD, frozenset(range(10**17, 10**17 + 100)))
+    await asyncio.gather(*(servers.add_channel(GUILD, 10**17 + n) for n in range(100)))
     await servers.set_daily_quota(GUILD, 7)
     shown = AdminCommands(servers, defaults()).describe(GUILD)
     assert len(shown) <= 2000
