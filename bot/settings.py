@@ -82,7 +82,7 @@ class BotSettings:
     max_images: int = 4
     image_download_timeout_seconds: float = 30.0
     # Operating it (bot/storage.py, bot/quotas.py, bot/ops_server.py).
-    data_dir: Path = field(default_factory=lambda: DEFAULT_DATA_DIR)
+    data_dir: Path = DEFAULT_DATA_DIR
     daily_questions_per_user: int = 0
     metrics_port: int | None = None
     metrics_host: str = "127.0.0.1"

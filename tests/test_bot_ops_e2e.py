@@ -4,7 +4,11 @@ with a clock the test moves; `/metrics` and `/healthz`; a DATA_DIR the bot canno
 from __future__ import annotations
 
 import asyncio
+import os
 import re
+import socket
+import subprocess
+import sys
 from collections.abc import AsyncIterator
 from pathlib import Path
 
@@ -14,7 +18,7 @@ import pytest_asyncio
 from prometheus_client.parser import text_string_to_metric_families
 
 from bot.admin_commands import NOT_ADMIN
-from tests.bot_process import RunningBot, answer_in_thread, new_channel, png, start_bot, stop
+from tests.bot_process import ROOT, RunningBot, answer_in_thread, new_channel, png, start_bot, stop
 from tests.fake_discord import MANAGE_MESSAGES, MEMBER_PERMISSIONS, FakeDiscord
 from tests.fake_openai import unused_port
 from tests.synthetic_images import bar_chart, book_cover
@@ -279,3 +283,26 @@ async def test_an_unwritable_data_dir_the_bot_answers_with_the_defaults_and_says
             await slash_answer(fake, fake.bob, "ocr", "ALONE\nMorgan Maxwell", image=png(book_cover()))
         finally:
             await stop(bot)
+
+
+async def test_a_metrics_port_in_use_stops_the_bot_with_one_clear_line(tmp_path: Path) -> None:
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        env = {**os.environ, "PYTHONPATH": str(ROOT), "DISCORD_TOKEN": "x", "METRICS_PORT": str(port)}
+        process = await asyncio.create_subprocess_exec(
+            sys.executable,
+            "-m",
+            "bot",
+            cwd=tmp_path,
+            env={**env, "DATA_DIR": str(tmp_path / "data"), "DISCORD_API_BASE_URL": "http://127.0.0.1:9"},
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+        )
+        output, _ = await asyncio.wait_for(process.communicate(), 60)
+    assert process.returncode == 1
+    log = output.decode()
+    assert f"cannot serve metrics on 127.0.0.1:{port}" in log and "check METRICS_HOST and METRICS_PORT" in log
+    assert "Traceback" not in log

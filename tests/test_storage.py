@@ -16,6 +16,7 @@ from bot.quotas import DailyQuotas, quota_refusal
 from bot.server_settings import InvalidSetting, ServerSettings
 from bot.settings import BotSettings
 from bot.storage import DATABASE_NAME, MIGRATIONS, NotSaved, Storage
+from inference import SettingsError
 
 GUILD, OTHER_GUILD, ALICE, BOB = 11, 22, 101, 202
 
@@ -237,3 +238,26 @@ async def test_show_fits_in_one_message_with_long_prompts_and_many_channels(tmp_
     assert "and 80 more (server)" in shown and "Daily questions: 7 per person (server)" in shown
     await storage.close()
     await storage.close()  # twice: the bot's close can run twice at shutdown
+
+
+def test_the_operating_settings_from_the_environment(tmp_path: Path) -> None:
+    settings = BotSettings.from_env(
+        {
+            "DISCORD_TOKEN": "x",
+            "DATA_DIR": str(tmp_path / "seebot"),
+            "DAILY_QUESTIONS_PER_USER": "20",
+            "METRICS_PORT": "9100",
+            "METRICS_HOST": "0.0.0.0",
+        }
+    )
+    assert settings.data_dir == tmp_path / "seebot"
+    assert (settings.daily_questions_per_user, settings.metrics_port, settings.metrics_host) == (
+        20,
+        9100,
+        "0.0.0.0",
+    )
+    plain = BotSettings.from_env({"DISCORD_TOKEN": "x", "DATA_DIR": "", "METRICS_PORT": ""})
+    assert plain.data_dir == Path.home() / ".local" / "share" / "seebot"
+    assert (plain.daily_questions_per_user, plain.metrics_port, plain.metrics_host) == (0, None, "127.0.0.1")
+    with pytest.raises(SettingsError, match="DAILY_QUESTIONS_PER_USER must be at least 0"):
+        BotSettings.from_env({"DISCORD_TOKEN": "x", "DAILY_QUESTIONS_PER_USER": "-1"})
