@@ -2,8 +2,9 @@
 FROM nvidia/cuda:12.6.3-runtime-ubuntu24.04
 
 ENV DEBIAN_FRONTEND=noninteractive PYTHONUNBUFFERED=1 PIP_NO_CACHE_DIR=1
+# gcc and the Python headers: torch.compile (COMPILE) builds its Triton kernels' launchers with them.
 RUN apt-get update \
-    && apt-get install -y --no-install-recommends python3 python3-venv \
+    && apt-get install -y --no-install-recommends python3 python3-venv python3-dev gcc libc6-dev \
     && rm -rf /var/lib/apt/lists/*
 
 WORKDIR /app
@@ -19,6 +20,7 @@ RUN useradd --create-home seebot \
     && chown -R seebot:seebot /home/seebot
 USER seebot
 ENV PATH=/opt/seebot/bin:$PATH \
+    HOME=/home/seebot \
     HF_HOME=/home/seebot/.cache/huggingface \
     METRICS_HOST=0.0.0.0 \
     METRICS_PORT=9100
