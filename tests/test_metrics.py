@@ -18,15 +18,18 @@ from inference.engine import PromptTooLong
 class ScriptedEngine:
     """Waits in line until `go` is set, then streams `pieces` or raises `error`."""
 
-    def __init__(self, pieces: list[str], error: Exception | None = None) -> None:
+    def __init__(
+        self, pieces: list[str], error: Exception | None = None, start_error: Exception | None = None
+    ) -> None:
         self.pieces = pieces
         self.error = error
+        self.start_error = start_error
         self.go = asyncio.Event()
         self.waiting = asyncio.Event()
 
     async def start(self) -> None:
-        if self.error is not None and isinstance(self.error, EngineError) and str(self.error) == "no model":
-            raise self.error
+        if self.start_error is not None:
+            raise self.start_error
 
     async def close(self) -> None:
         pass
@@ -119,7 +122,7 @@ async def test_a_question_refused_before_the_model_is_counted_as_refused(refusal
 
 async def test_a_model_that_cannot_start_is_failed() -> None:
     metrics = Metrics()
-    engine = MeteredEngine(ScriptedEngine([], EngineError("no model")), metrics)
+    engine = MeteredEngine(ScriptedEngine([], start_error=EngineError("no model")), metrics)
     with pytest.raises(EngineError):
         await engine.start()
     assert engine.state == "failed"
