@@ -104,6 +104,7 @@ class Storage:
             mode = db.execute("PRAGMA journal_mode=WAL").fetchone()[0]
             if mode.lower() != "wal":  # e.g. a network file system: slower, still correct
                 log.warning("%s: WAL mode is not available here, journal mode %s", self.path, mode)
+            db.execute("PRAGMA synchronous=NORMAL")  # with WAL: no fsync per commit, still consistent
             _migrate(db)
         except BaseException:
             db.close()
