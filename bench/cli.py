@@ -19,6 +19,8 @@ from typing import Any
 log = logging.getLogger("bench")
 
 SECTIONS = ("lag", "overhead", "throughput", "fastpath")
+# Sections run only when named with --only (a soak takes minutes and starts the bot).
+EXTRA_SECTIONS = ("soak",)
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -35,7 +37,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     )
     parser.add_argument("--device", default="cpu", help="cpu (default), cuda or cuda:N")
     parser.add_argument(
-        "--only", action="append", choices=SECTIONS, help="run only this measurement (repeatable)"
+        "--only",
+        action="append",
+        choices=SECTIONS + EXTRA_SECTIONS,
+        help="run only this measurement (repeatable); soak runs only when named",
     )
     parser.add_argument(
         "--gpu",
@@ -96,6 +101,7 @@ async def run(args: argparse.Namespace, sections: tuple[str, ...]) -> dict[str, 
     from .model import BenchModel, build_tiny
     from .overhead import OverheadConfig, measure_overhead
     from .random_weights import build_random_weights_model
+    from .soak import SoakConfig, measure_soak
     from .throughput import ThroughputConfig, measure_throughput
 
     if args.hub_files is not None:
@@ -126,6 +132,12 @@ async def run(args: argparse.Namespace, sections: tuple[str, ...]) -> dict[str, 
     throughput = ThroughputConfig(
         max_new_tokens=64, rounds=1 if quick else 8, min_requests=4 if quick else 32
     )
+    soak = SoakConfig(
+        users=20,
+        questions=60 if quick else 200,
+        think_seconds=(1.0, 4.0) if quick else (10.0, 26.0),
+        failure_rate=0.05,
+    )
     results: dict[str, Any] = {
         "machine": machine_info(args.device),
         "config": {
@@ -140,6 +152,7 @@ async def run(args: argparse.Namespace, sections: tuple[str, ...]) -> dict[str, 
             "overhead": vars(overhead),
             "throughput": vars(throughput),
             "fast_path": vars(fast_path),
+            "soak": vars(soak),
         },
     }
     if "lag" in sections:
@@ -154,6 +167,15 @@ async def run(args: argparse.Namespace, sections: tuple[str, ...]) -> dict[str, 
     if "fastpath" in sections:
         log.info("measuring the plain path against the fast path")
         results["fast_path"] = await measure_fast_path(model, fast_path)
+    if "soak" in sections:
+        if not model.tiny:
+            raise SystemExit("the soak runs with the tiny model only (its answers repeat the questions)")
+        log.info(
+            "soak: %d users ask %d questions through python -m bot and a failing fake Discord",
+            soak.users,
+            soak.questions,
+        )
+        results["soak"] = await measure_soak(None, soak)
     return results
 
 

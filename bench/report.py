@@ -231,6 +231,11 @@ def target_lines(results: dict[str, Any]) -> list[str]:
     fast = results.get("fast_path")
     if fast:
         lines += fast_path_target_lines(fast, str(results["machine"]["device"]).startswith("cuda"))
+    soak = results.get("soak")
+    if soak:
+        from .soak import soak_target_line
+
+        lines.append(soak_target_line(soak))
     return lines
 
 
@@ -250,6 +255,10 @@ def render(results: dict[str, Any]) -> str:
         parts.append(throughput_table(results["throughput"]))
     if "fast_path" in results:
         parts.append(fast_path_tables(results["fast_path"]))
+    if "soak" in results:
+        from .soak import soak_table
+
+        parts.append(soak_table(results["soak"]))
     parts.append("### Targets\n\n" + "\n".join(target_lines(results)))
     return "\n\n".join(parts) + "\n"
 

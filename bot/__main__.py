@@ -56,6 +56,7 @@ async def run(settings: BotSettings) -> int:
         finally:
             if ops is not None:
                 await ops.close()
+    await asyncio.gather(*stopping)  # a signal's shutdown: let it finish closing everything
     log.info("stopped")
     return bot.exit_code
 

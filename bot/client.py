@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import Iterator, Sequence
+from collections.abc import Awaitable, Callable, Iterator, Sequence
 from typing import Any
 
 import discord
@@ -15,13 +15,23 @@ from inference import Conversation, Engine, EngineClosed, EngineError, Turn
 
 from .access import is_allowed
 from .admin_commands import register_admin_commands
-from .answering import answer, notice, unexpected_error_notice
+from .answering import answer, notice, typing_shown, unexpected_error_notice
 from .discord_api import use_gateway_of_api
+from .discord_calls import (
+    DISCORD_FAILURES,
+    UNKNOWN_MESSAGE,
+    channel_gone,
+    describe,
+    reply_reference,
+    with_retries,
+)
 from .history import collect_images, question_text, thread_conversation
 from .images import ImageFetcher, ImageLimits, ImageProblem
+from .interactions import InteractionRoute, command_name
 from .limits import Refused, RequestGate
 from .metrics import ENGINE_PROBLEMS, MeteredEngine, Metrics
 from .ops_server import gateway_problem
+from .questions import Question, Questions
 from .quotas import DailyQuotas, is_moderator
 from .replies import EditableMessage, SendMessage
 from .server_settings import ServerSettings
@@ -32,15 +42,11 @@ log = logging.getLogger(__name__)
 
 NO_QUESTION = "Mention me with a question, and attach the image(s) it is about."
 NOT_ALLOWED = "You can't use me here."
+DISCORD_FAILED = "Discord kept failing while I was answering this, so I had to stop. Please ask again."
 CUT_OFF = "The bot is restarting, so this answer was cut off. Please ask again in a minute."
 SHUTDOWN_GRACE_SECONDS = 5.0
 THREAD_NAME_LIMIT = 100
 STARTING_UP_STATUS = "Starting up: loading the model…"
-
-
-def interaction_expired(error: discord.HTTPException) -> bool:
-    """Unknown Webhook (10015) or Invalid Webhook Token (50027): the 15 minutes are over."""
-    return error.status in (401, 404) or error.code in (10015, 50027)
 
 
 def thread_name(question: str) -> str:
@@ -77,6 +83,8 @@ class SeeBot(discord.Client):
         self._requests: set[asyncio.Task[object]] = set()
         self._stopping: asyncio.Task[None] | None = None
         self.images = ImageFetcher(ImageLimits.from_settings(settings))
+        self.questions = Questions()
+        self._closed: asyncio.Future[None] | None = None
 
     async def setup_hook(self) -> None:
         from .commands import register_commands
@@ -134,12 +142,21 @@ class SeeBot(discord.Client):
         await self.close()
 
     async def close(self) -> None:
-        await super().close()
-        if self._engine_task is not None and not self._engine_task.done():
-            self._engine_task.cancel()
-        await self.engine.close()
-        await self.images.close()
-        await self.storage.close()
+        """Close Discord, the image downloads' session and the engine, once: a second call
+        (a signal's shutdown and `async with` both close) waits for the first to finish."""
+        if self._closed is None:
+            self._closed = asyncio.ensure_future(self._close_everything())
+        await asyncio.shield(self._closed)
+
+    async def _close_everything(self) -> None:
+        try:
+            await super().close()
+        finally:
+            if self._engine_task is not None and not self._engine_task.done():
+                self._engine_task.cancel()
+            await self.images.close()
+            await self.engine.close()
+            await self.storage.close()
 
     def health_problem(self) -> str | None:
         """Why the bot cannot answer now (for /healthz), or None when it can."""
@@ -154,6 +171,21 @@ class SeeBot(discord.Client):
         log.info("connected as %s (id %s) to %d servers", self.user, self.user.id, len(self.guilds))
         if self._engine_ready.is_set():  # ready before the gateway was: say so now
             await self._show_online()
+
+    # --- deletions ---------------------------------------------------------------------
+
+    async def on_raw_message_delete(self, payload: discord.RawMessageDeleteEvent) -> None:
+        self.questions.message_deleted(payload.message_id)
+
+    async def on_raw_bulk_message_delete(self, payload: discord.RawBulkMessageDeleteEvent) -> None:
+        for message_id in payload.message_ids:
+            self.questions.message_deleted(message_id)
+
+    async def on_raw_thread_delete(self, payload: discord.RawThreadDeleteEvent) -> None:
+        self.questions.channel_deleted(payload.thread_id)
+
+    async def on_guild_channel_delete(self, channel: discord.abc.GuildChannel) -> None:
+        self.questions.channel_deleted(channel.id)
 
     # --- messages -----------------------------------------------------------------------
 
@@ -178,25 +210,81 @@ class SeeBot(discord.Client):
             )
             self.metrics.count(kind, "refused")
             return
+        # Before any await: a MESSAGE_DELETE handled after this finds the question.
+        with self.questions.asked(
+            message.id, message.author.id, channel.id, message_id=message.id
+        ) as question:
+
+            async def tell(text: str) -> None:
+                await self._reply_notice(message, text, question)
+
+            await self._run_question(question, self._take_message(question, message, handle, kind), tell)
+
+    async def _take_message(
+        self,
+        question: Question,
+        message: discord.Message,
+        handle: Callable[..., Awaitable[None]],
+        kind: str,
+    ) -> None:
         try:
             with self.metrics.question(kind), self.gate.admit(message.author.id), self._tracked():
                 guild_id = message.guild.id if message.guild else None
-                moderator = is_moderator(message.author, channel)
+                moderator = is_moderator(message.author, message.channel)
                 await self.quotas.take(guild_id, message.author.id, moderator=moderator)
-                await handle(message, channel)  # type: ignore[arg-type]
+                await handle(question, message, message.channel)
         except Refused as refusal:
-            log.info("refused a question from user %s: %s", message.author.id, refusal)
-            await message.reply(notice(str(refusal)))
+            log.info("%s: refused: %s", question.label, refusal)
+            await self._reply_notice(message, notice(str(refusal)), question)
         except ImageProblem as problem:
-            log.info("image problem from %s: %s", message.author.id, problem)
-            await message.channel.send(notice(str(problem)), reference=message)
+            log.info("%s: image problem: %s", question.label, problem)
+            await self._reply_notice(message, notice(str(problem)), question)
         except discord.Forbidden as error:
             log.warning(
-                "missing permission in channel %s (%s): give the bot Send Messages, Send Messages in "
-                "Threads, Create Public Threads and Read Message History there",
-                channel.id,
-                error,
+                "%s: missing permission in channel %s (%s): give the bot Send Messages, Send Messages "
+                "in Threads, Create Public Threads and Read Message History there",
+                question.label,
+                message.channel.id,
+                describe(error),
             )
+
+    async def _run_question(
+        self, question: Question, work: Awaitable[None], tell: Callable[[str], Awaitable[None]]
+    ) -> None:
+        """Run a question's work so that nothing escapes it untold: a stopped question (its
+        message or thread deleted, Cancel pressed) ends quietly; Discord failing is told to
+        the asker (or, when that fails too, logged with the question's id); a bug is told with
+        an error id. A shutdown's cancellation propagates (the cut-off notice is sent)."""
+        try:
+            await work
+        except asyncio.CancelledError:
+            task = asyncio.current_task()
+            if question.stopped_because is None or self.shutting_down or task is None:
+                raise
+            task.uncancel()
+            log.info("%s: stopped: %s", question.label, question.stopped_because)
+        except DISCORD_FAILURES as error:
+            if channel_gone(error) or question.channel_gone:
+                log.info(
+                    "%s: its channel is gone (%s); nothing to answer in", question.label, describe(error)
+                )
+                return
+            log.warning("%s: Discord failed (%s); telling the asker", question.label, describe(error))
+            await tell(notice(DISCORD_FAILED))
+        except Exception as error:
+            await tell(unexpected_error_notice(question.label, error))
+
+    async def _reply_notice(self, message: discord.Message, text: str, question: Question) -> None:
+        """A notice replying to `message` (posted plainly if it was deleted), retried."""
+        try:
+            sent = await with_retries(
+                lambda: message.channel.send(text, reference=reply_reference(message), mention_author=False),
+                f"{question.label}: a notice",
+            )
+        except DISCORD_FAILURES as error:
+            log.error("%s: could not tell the asker %r (%s)", question.label, text, describe(error))
+            return
+        self.questions.mark(sent.id, "notice")
 
     def _allowed(self, user: discord.abc.User, channel: object, guild: discord.Guild | None) -> bool:
         """The environment's access lists, then the server's own channel list (`/seebot channels`)."""
@@ -215,66 +303,93 @@ class SeeBot(discord.Client):
         finally:
             self._requests.discard(task)
 
-    async def _answer_in_new_thread(self, message: discord.Message, _channel: object = None) -> None:
-        question = question_text(message, self._my_id)
+    async def _answer_in_new_thread(
+        self, question: Question, message: discord.Message, _channel: object = None
+    ) -> None:
+        text = question_text(message, self._my_id)
         collected = await collect_images(message, self.images)
         images = collected.images
-        if not question and not images:
-            await message.reply("\n".join(notice(text) for text in [*collected.notices, NO_QUESTION]))
+        if not text and not images:
+            await self._reply_notice(
+                message, "\n".join(notice(t) for t in [*collected.notices, NO_QUESTION]), question
+            )
             return
         if isinstance(message.channel, discord.TextChannel):
             try:
-                thread = await message.create_thread(
-                    name=thread_name(question or "Image question"), auto_archive_duration=1440
+                thread = await with_retries(
+                    lambda: message.create_thread(
+                        name=thread_name(text or "Image question"), auto_archive_duration=1440
+                    ),
+                    f"{question.label}: making its thread",
                 )
+            except discord.NotFound as error:
+                if error.code == UNKNOWN_MESSAGE:  # deleted before its thread was made
+                    log.info("%s: its message is gone; not answering", question.label)
+                    return
+                raise
             except discord.HTTPException as error:
                 log.warning(
-                    "cannot create a thread in #%s (%s); replying in the channel", message.channel, error
+                    "%s: cannot create a thread in channel %s (%s); replying in the channel",
+                    question.label,
+                    message.channel.id,
+                    describe(error),
                 )
             else:
+                question.channel_id = thread.id
                 await self._respond(
-                    Conversation.single(question or self._describe_prompt(message.guild), images),
+                    question,
+                    Conversation.single(text or self._describe_prompt(message.guild), images),
                     thread,
-                    message.author,
                     notices=collected.notices,
                 )
                 return
         await self._respond(
-            Conversation.single(question or self._describe_prompt(message.guild), images),
+            question,
+            Conversation.single(text or self._describe_prompt(message.guild), images),
             message.channel,
-            message.author,
             reference=message,
             notices=collected.notices,
         )
 
-    async def _answer_message(self, message: discord.Message, channel: discord.abc.Messageable) -> None:
-        question = question_text(message, self._my_id)
+    async def _answer_message(
+        self, question: Question, message: discord.Message, channel: discord.abc.Messageable
+    ) -> None:
+        text = question_text(message, self._my_id)
         collected = await collect_images(message, self.images)
         images = collected.images
-        if not question and not images:
-            await message.reply("\n".join(notice(text) for text in [*collected.notices, NO_QUESTION]))
+        if not text and not images:
+            await self._reply_notice(
+                message, "\n".join(notice(t) for t in [*collected.notices, NO_QUESTION]), question
+            )
             return
-        conversation = Conversation.single(question or self._describe_prompt(message.guild), images)
-        await self._respond(
-            conversation, channel, message.author, reference=message, notices=collected.notices
-        )
+        conversation = Conversation.single(text or self._describe_prompt(message.guild), images)
+        await self._respond(question, conversation, channel, reference=message, notices=collected.notices)
 
-    async def _answer_follow_up(self, message: discord.Message, thread: discord.Thread) -> None:
+    async def _answer_follow_up(
+        self, question: Question, message: discord.Message, thread: discord.Thread
+    ) -> None:
         assert self.user is not None
-        async with thread.typing():
+        # Answered in order: the conversation then holds the earlier questions' answers.
+        await self.questions.wait_for_earlier(question)
+        async with typing_shown(thread):
             rebuilt = await thread_conversation(
-                thread, self.user, self._describe_prompt(thread.guild), self.images
+                thread,
+                self.user,
+                self._describe_prompt(thread.guild),
+                self.images,
+                kind_of=self.questions.kind_of,
+                up_to=message.id,
             )
         conversation = rebuilt.conversation
         if not conversation.turns or conversation.turns[-1].role != "user":
             return
-        await self._respond(conversation, thread, message.author, notices=rebuilt.notices)
+        await self._respond(question, conversation, thread, notices=rebuilt.notices)
 
     async def _respond(
         self,
+        question: Question,
         conversation: Conversation,
         channel: discord.abc.Messageable,
-        requester: discord.abc.User,
         *,
         reference: discord.Message | None = None,
         notices: Sequence[str] = (),
@@ -283,24 +398,28 @@ class SeeBot(discord.Client):
 
         async def send(content: str, *, view: discord.ui.View | None = None) -> EditableMessage:
             nonlocal first
-            use_reference = reference if first else None
-            first = False
-            return await channel.send(
+            use_reference = reply_reference(reference) if first and reference is not None else None
+            sent = await channel.send(
                 content,
                 reference=use_reference,  # type: ignore[arg-type]
                 mention_author=False,
                 view=view,  # type: ignore[arg-type]
             )
+            first = False
+            return sent
 
         if notices:  # skipped attachments, images left out: before the answer, in its place
-            await send("\n".join(notice(text) for text in notices))
-        await self._answer_or_say_cut_off(conversation, send, requester, typing_in=channel)
+            sent = await with_retries(
+                lambda: send("\n".join(notice(text) for text in notices)), f"{question.label}: notices"
+            )
+            self.questions.mark(sent.id, "notice")
+        await self._answer_or_say_cut_off(question, conversation, send, typing_in=channel)
 
     async def _answer_or_say_cut_off(
         self,
+        question: Question,
         conversation: Conversation,
         send: SendMessage,
-        requester: discord.abc.User,
         *,
         typing_in: discord.abc.Messageable | None = None,
     ) -> None:
@@ -311,13 +430,16 @@ class SeeBot(discord.Client):
                 send,
                 edit_interval=self.settings.edit_interval_seconds,
                 timeout=self.settings.generation_timeout_seconds,
-                requester_id=requester.id,
+                question=question,
+                mark=self.questions.mark,
                 typing_in=typing_in,
                 engine_ready=self._engine_ready,
             )
         except asyncio.CancelledError:
-            if self.shutting_down:
-                await send(notice(CUT_OFF))
+            if self.shutting_down and question.stopped_because is None:
+                with contextlib.suppress(*DISCORD_FAILURES):
+                    sent = await send(notice(CUT_OFF))
+                    self.questions.mark(sent.id, "notice")
             raise
         except EngineClosed:
             if not self.shutting_down:
@@ -332,77 +454,78 @@ class SeeBot(discord.Client):
     async def answer_interaction(
         self, interaction: discord.Interaction, question: str, attachments: Sequence[discord.Attachment]
     ) -> None:
+        name = command_name(interaction)
         if self.shutting_down:
             await interaction.response.send_message(notice(CUT_OFF), ephemeral=True)
             return
-        kind = interaction.command.name if interaction.command else "command"
         if not self._allowed(interaction.user, interaction.channel, interaction.guild):
-            log.info("refused /%s from user %s: not allowed here", interaction.command, interaction.user.id)
-            self.metrics.count(kind, "refused")
+            log.info("refused /%s from user %s: not allowed here", name, interaction.user.id)
+            self.metrics.count(name, "refused")
             await interaction.response.send_message(notice(NOT_ALLOWED), ephemeral=True)
             return
+        channel_id = interaction.channel_id or 0
+        with self.questions.asked(interaction.id, interaction.user.id, channel_id) as asked:
+            route = InteractionRoute(interaction, asked)
+
+            await self._run_question(
+                asked, self._take_interaction(asked, route, question, attachments), route.tell
+            )
+
+    async def _take_interaction(
+        self,
+        asked: Question,
+        route: InteractionRoute,
+        question: str,
+        attachments: Sequence[discord.Attachment],
+    ) -> None:
+        interaction = route.interaction
         try:
-            with self.metrics.question(kind), self.gate.admit(interaction.user.id), self._tracked():
+            with self.metrics.question(route.name), self.gate.admit(interaction.user.id), self._tracked():
                 moderator = interaction.guild_id is not None and interaction.permissions.manage_messages
                 await self.quotas.take(interaction.guild_id, interaction.user.id, moderator=moderator)
-                await interaction.response.defer(thinking=True)
-                await self._answer_interaction(interaction, question, attachments)
+                await route.acknowledge()
+                await self._answer_interaction(asked, route, question, attachments)
         except Refused as refusal:
-            log.info("refused /%s from user %s: %s", interaction.command, interaction.user.id, refusal)
-            await interaction.response.send_message(notice(str(refusal)), ephemeral=True)
+            log.info("%s: refused /%s: %s", asked.label, route.name, refusal)
+            await route.tell(notice(str(refusal)), ephemeral=True)
 
     async def _answer_interaction(
-        self, interaction: discord.Interaction, question: str, attachments: Sequence[discord.Attachment]
+        self,
+        asked: Question,
+        route: InteractionRoute,
+        question: str,
+        attachments: Sequence[discord.Attachment],
     ) -> None:
         try:
             collected = await self.images.collect(attachments, strict=True)
         except ImageProblem as problem:
-            log.info("image problem from %s: %s", interaction.user.id, problem)
-            await interaction.followup.send(notice(str(problem)))
+            log.info("%s: image problem: %s", asked.label, problem)
+            await route.tell(notice(str(problem)))
             return
-
-        expired = False
-
-        async def send(content: str, *, view: discord.ui.View | None = None) -> EditableMessage:
-            nonlocal expired
-            if not expired:
-                try:
-                    if view is None:
-                        return await interaction.followup.send(content, wait=True)
-                    return await interaction.followup.send(content, wait=True, view=view)
-                except discord.HTTPException as error:
-                    if not interaction_expired(error):
-                        raise
-                    # Interaction tokens last 15 minutes; a long wait in line outlives them.
-                    log.warning(
-                        "/%s follow-up failed (%s); answering in the channel", interaction.command, error
-                    )
-                    expired = True
-            channel = interaction.channel
-            if not isinstance(channel, discord.abc.Messageable):
-                raise RuntimeError("the interaction expired and its channel cannot be written to")
-            return await channel.send(content, view=view)  # type: ignore[arg-type]
-
         images = collected.images
         if collected.notices:
-            await send("\n".join(notice(text) for text in collected.notices))
+            sent = await with_retries(
+                lambda: route.send("\n".join(notice(text) for text in collected.notices)),
+                f"{asked.label}: notices",
+            )
+            self.questions.mark(sent.id, "notice")
         await self._answer_or_say_cut_off(
-            Conversation((Turn("user", question, tuple(images)),)), send, interaction.user
+            asked, Conversation((Turn("user", question, tuple(images)),)), route.send
         )
 
     async def _on_command_error(
         self, interaction: discord.Interaction, error: app_commands.AppCommandError
     ) -> None:
         """A slash command failed unexpectedly: tell the user (with an id) and keep serving."""
-        name = interaction.command.name if interaction.command else "?"
+        name = command_name(interaction)
         text = unexpected_error_notice(f"/{name}", error)
         try:
             if interaction.response.is_done():
                 await interaction.followup.send(text, ephemeral=True)
             else:
                 await interaction.response.send_message(text, ephemeral=True)
-        except discord.HTTPException:
-            log.warning("could not report the failure of /%s to the user", name)
+        except DISCORD_FAILURES as failure:
+            log.warning("could not report the failure of /%s to the user (%s)", name, describe(failure))
 
     @property
     def _my_id(self) -> int:

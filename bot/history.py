@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import re
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import discord
@@ -26,8 +27,9 @@ from .images import (
 
 log = logging.getLogger(__name__)
 
-# Bot messages that start with this are notices (errors, hints), not answers: they are left
-# out of the conversation the model sees.
+# Bot messages that start with this are notices (errors, hints), not answers. Which of the
+# bot's messages are answers is known by their ids (see bot/questions.py); the prefixes only
+# sort messages written before the bot's current run.
 NOTICE_PREFIX = "⚠️"
 # A status line (the place in line) that an answer was meant to replace, e.g. if it was cancelled.
 WAITING_PREFIX = "⏳"
@@ -96,8 +98,14 @@ async def thread_conversation(
     bot_user: discord.ClientUser,
     default_question: str,
     fetcher: ImageFetcher,
+    *,
+    kind_of: Callable[[int], str | None] = lambda _id: None,
+    up_to: int | None = None,
 ) -> ThreadConversation:
-    """The whole thread as turns: its starter message, the bot's answers, later messages.
+    """The thread as turns, up to the message `up_to` (the question being answered; later
+    messages are later questions): its starter message, the bot's answers, the people's
+    messages. `kind_of` says what each bot message is ("answer"; anything else is left out);
+    for one it does not know (written before this run) the notice and status prefixes decide.
 
     Consecutive messages of one side are merged into one turn (a long answer spans several
     messages; people often send an image, then the question).
@@ -117,9 +125,10 @@ async def thread_conversation(
     starter = await _starter_message(thread)
     if starter is not None:
         messages.append(starter)
-    async for message in thread.history(limit=HISTORY_LIMIT, oldest_first=True):
-        if message.type in _CHAT_MESSAGE_TYPES:
-            messages.append(message)
+    # The newest HISTORY_LIMIT messages up to the question (newest first from Discord).
+    before = discord.Object(up_to + 1) if up_to is not None else None
+    recent = [message async for message in thread.history(limit=HISTORY_LIMIT, before=before)]
+    messages += [m for m in reversed(recent) if m.type in _CHAT_MESSAGE_TYPES]
     turns: list[_PendingTurn] = []
     seen: set[int] = set()
     newest_id: int | None = None  # the newest person's message: the new question
@@ -127,7 +136,10 @@ async def thread_conversation(
     for message in messages:
         attachments: list[discord.Attachment] = []
         if message.author.id == bot_user.id:
-            if message.content.startswith((NOTICE_PREFIX, WAITING_PREFIX)):
+            kind = kind_of(message.id)
+            if kind is None and message.content.startswith((NOTICE_PREFIX, WAITING_PREFIX)):
+                continue
+            if kind is not None and kind != "answer":
                 continue
             role, text = "assistant", message.content
         elif message.author.bot:

@@ -249,7 +249,9 @@ def decode_image(
         found = re.search(r"\((\d+) pixels\)", str(error))
         raise ImageProblem(too_many_pixels(name, max_pixels, int(found[1]) if found else None)) from error
     except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as error:
-        log.info("cannot open %s: %s", name, error)
+        # Pillow's "cannot identify image file <_io.BytesIO object at 0x…>" says no more than this.
+        reason = "not a format Pillow knows" if isinstance(error, UnidentifiedImageError) else error
+        log.info("cannot open %s: %s", name, reason)
         if sniff_format(data) is None:
             raise ImageProblem(not_an_image(name)) from error
         raise ImageProblem(f"I could not read `{name}` as an image.") from error

@@ -12,11 +12,14 @@ import asyncio
 import logging
 import math
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from typing import Any, Protocol
 
 import discord
 
+from .discord_calls import DISCORD_FAILURES, channel_gone, describe, with_retries
+from .history import NOTICE_PREFIX
+from .questions import MessageKind
 from .splitting import split_message
 
 log = logging.getLogger(__name__)
@@ -25,6 +28,8 @@ MESSAGE_LIMIT = 2000
 
 
 class EditableMessage(Protocol):
+    id: int
+
     async def edit(self, **fields: Any) -> object: ...
 
 
@@ -35,6 +40,12 @@ class SendMessage(Protocol):
 
 
 class StreamingReply:
+    """One answer's messages. Every write goes through one path: mid-stream updates that fail
+    are carried by the next one; the last update, statuses and notices are retried
+    (`with_retries`), and when the end of an answer still cannot be shown the reply says so
+    (or, with Discord unreachable, logs it under `label`). `mark` hears what each message is
+    (see `bot/questions.py`), so a thread's rebuild can tell answers from the rest."""
+
     def __init__(
         self,
         send: SendMessage,
@@ -42,15 +53,26 @@ class StreamingReply:
         edit_interval: float = 1.0,
         limit: int = MESSAGE_LIMIT,
         first_message_view: Any = None,
+        label: str = "an answer",
+        mark: Callable[[int, MessageKind], None] | None = None,
+        channel_gone: Callable[[], bool] = lambda: False,
     ) -> None:
         self._send = send
         self._view = first_message_view
         self._edit_interval = edit_interval
         self._limit = limit
+        self._label = label
+        self._mark = mark or (lambda _id, _kind: None)
+        self._channel_gone = channel_gone
         self._messages: list[EditableMessage] = []
         self._shown: list[str] = []
         self._lock = asyncio.Lock()  # status updates and streaming edits take turns
         self.text = ""
+
+    @property
+    def label(self) -> str:
+        """Who and what the answer is for, in log lines ("question 42 from user 7")."""
+        return self._label
 
     @property
     def message_count(self) -> int:
@@ -58,7 +80,7 @@ class StreamingReply:
 
     async def stream(self, pieces: AsyncIterator[str]) -> str:
         """Show the pieces as they come; returns the whole answer. Errors propagate after
-        what was generated so far is on screen.
+        what was generated so far is on screen (or the reply said it could not be).
 
         The pause between updates backs off when Discord is slow or failing: it is at least
         twice the time the last update took (a rate-limited edit waits inside discord.py),
@@ -74,45 +96,102 @@ class StreamingReply:
                 started = time.monotonic()
                 try:
                     called = await self._show()
-                except discord.HTTPException as error:
+                except DISCORD_FAILURES as error:
+                    if channel_gone(error):
+                        raise
                     interval = max(interval * 2, 1.0)
-                    log.warning("a streaming update failed (%s); next in %.1f s", error, interval)
+                    log.warning(
+                        "%s: a streaming update failed (%s); next in %.1f s",
+                        self._label,
+                        describe(error),
+                        interval,
+                    )
                     last_update = time.monotonic()
                     continue
                 if called:
                     last_update = time.monotonic()
                     interval = max(self._edit_interval, 2 * (last_update - started))
         finally:
-            await self._show()
+            await self._show_the_end()
         return self.text
+
+    async def _show_the_end(self) -> None:
+        """The last update: retried; if Discord still fails, say what is missing."""
+        if self._channel_gone():
+            return
+        try:
+            await with_retries(self._show, f"{self._label}: the last update of the answer")
+        except DISCORD_FAILURES as error:
+            if channel_gone(error):
+                log.info("%s: the answer's channel is gone (%s)", self._label, describe(error))
+                return
+            chunks = split_message(self.text, self._limit)
+            shown = sum(len(c) for c, s in zip(chunks, self._shown, strict=False) if c == s)
+            missing = max(0, len(self.text) - shown)
+            log.warning("%s: the end of the answer could not be shown (%s)", self._label, describe(error))
+            await self._send_notice(
+                f"{NOTICE_PREFIX} Discord kept failing, so the end of this answer could not be shown "
+                f"(about {missing} characters are missing). Please ask again."
+            )
+            return
+        if self.text.strip():
+            for message in self._messages:
+                self._mark(message.id, "answer")
 
     async def show_status(self, status: str) -> None:
         """Show a status line (e.g. the place in line) until the answer's text replaces it."""
         async with self._lock:
-            if self.text.strip():
+            if self.text.strip() or self._channel_gone():
                 return
             if not self._messages:
-                self._messages.append(await self._send_next(status))
+                message = await self._send_next(status)
+                self._messages.append(message)
                 self._shown.append(status)
+                self._mark(message.id, "status")
             elif self._shown[0] != status:
                 await self._messages[0].edit(content=status)
                 self._shown[0] = status
 
     async def conclude(self, content: str) -> None:
         """Say how the answer ended (a notice): in place of a status still on screen (the
-        place in line, "starting up"), else in a new message."""
+        place in line, "starting up"), else in a new message. Retried; a notice that still
+        cannot be posted is logged under the reply's label."""
+        if self._channel_gone():
+            log.info("%s: not told %r: the channel is gone", self._label, content)
+            return
         async with self._lock:
             if self._messages and not self.text.strip():
-                await self._messages[0].edit(content=content)
+                first = self._messages[0]
+                try:
+                    await with_retries(lambda: first.edit(content=content), f"{self._label}: a notice")
+                except DISCORD_FAILURES as error:
+                    log.error("%s: could not show %r (%s)", self._label, content, describe(error))
+                    return
                 self._shown[0] = content
+                self._mark(first.id, "notice")
                 return
-        await self._send(content)
+        await self._send_notice(content)
+
+    async def _send_notice(self, content: str) -> None:
+        try:
+            message = await with_retries(lambda: self._send(content), f"{self._label}: a notice")
+        except DISCORD_FAILURES as error:
+            log.error("%s: could not post %r (%s)", self._label, content, describe(error))
+            return
+        self._mark(message.id, "notice")
 
     async def remove_view(self) -> None:
         """Take the buttons off the first message once the answer is over."""
-        if self._view is not None and self._messages:
+        if self._view is not None and self._messages and not self._channel_gone():
+            first = self._messages[0]
             # Say "no pings" on every write, even one that leaves the text as it is.
-            await self._messages[0].edit(view=None, allowed_mentions=discord.AllowedMentions.none())
+            try:
+                await with_retries(
+                    lambda: first.edit(view=None, allowed_mentions=discord.AllowedMentions.none()),
+                    f"{self._label}: taking the Cancel button off",
+                )
+            except DISCORD_FAILURES as error:
+                log.info("%s: the Cancel button stays on (%s)", self._label, describe(error))
             self._view = None
 
     async def _send_next(self, content: str) -> EditableMessage:
@@ -131,15 +210,22 @@ class StreamingReply:
                     try:
                         await self._messages[index].edit(content=chunk)
                     except discord.HTTPException as error:
-                        if error.status not in (401, 404):
+                        if error.status not in (401, 404) or channel_gone(error):
                             raise
                         # Deleted, or an expired interaction's message: carry on in a new one.
-                        log.warning("cannot edit a message of the answer (%s); sending it anew", error)
+                        log.warning(
+                            "%s: cannot edit a message of the answer (%s); sending it anew",
+                            self._label,
+                            describe(error),
+                        )
                         self._messages[index] = await self._send(chunk)
                     self._shown[index] = chunk
+                    self._mark(self._messages[index].id, "writing")
                     called = True
             else:
-                self._messages.append(await self._send_next(chunk))
+                message = await self._send_next(chunk)
+                self._messages.append(message)
                 self._shown.append(chunk)
+                self._mark(message.id, "writing")
                 called = True
         return called

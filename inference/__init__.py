@@ -1,11 +1,12 @@
 """Model-facing code: prompts, engines and the worker thread. Never imports discord."""
 
 from .conversation import Conversation, PromptError, Turn, build_prompt, neutralise
-from .engine import Engine, EngineClosed, EngineError, GenerationError, GenerationRequest
+from .engine import EndReason, Engine, EngineClosed, EngineError, GenerationError, GenerationRequest
 from .settings import InferenceSettings, SettingsError
 
 __all__ = [
     "Conversation",
+    "EndReason",
     "Engine",
     "EngineClosed",
     "EngineError",

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Literal, Protocol
 
 from .conversation import Conversation
 
@@ -34,6 +34,10 @@ class PromptTooLong(EngineError):
     """The question and its images do not fit in the model's context, even alone."""
 
 
+# Why an answer ended: its own end token, or the token limit (MAX_NEW_TOKENS or the context).
+EndReason = Literal["stop", "length"]
+
+
 @dataclass(frozen=True)
 class GenerationRequest:
     conversation: Conversation
@@ -44,6 +48,9 @@ class GenerationRequest:
     # Called on the event loop with the request's place in line (1 = next) while it waits,
     # and with 0 when its generation starts. Engines without a queue of their own never call it.
     on_queue_position: Callable[[int], None] | None = None
+    # Called on the event loop once, just before the stream ends normally, with why it ended.
+    # Engines that cannot tell never call it.
+    on_end: Callable[[EndReason], None] | None = None
 
 
 class Engine(Protocol):

@@ -36,6 +36,8 @@ class Job:
     position: int | None = None
     # The prompt as model inputs (on the CPU), made once on the worker thread.
     encoded: dict[str, torch.Tensor] | None = None
+    # Set on the worker thread before DONE is sent: the answer stopped at its token limit.
+    hit_token_limit: bool = False
 
     def send(self, item: Any) -> None:
         """Hand an item to the waiting coroutine; safe from the worker thread."""
@@ -86,6 +88,7 @@ class Row:
             self.streamer.put(token)
             self.generated += 1
             if self.generated >= self.max_new_tokens:
+                self.job.hit_token_limit = True
                 self.finish()
 
 

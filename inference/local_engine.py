@@ -160,6 +160,8 @@ class LocalEngine(ContinuousServing):
             while True:
                 item = await job.pieces.get()
                 if item is DONE:
+                    if request.on_end is not None:
+                        request.on_end("length" if job.hit_token_limit else "stop")
                     return
                 if isinstance(item, EngineError):
                     raise item

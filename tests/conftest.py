@@ -52,6 +52,8 @@ SCRIPT: list[dict] = [
         "reply": "A bar chart of sales by quarter ({images} image); Q4 is highest.",
     },
     {"when": "title and the author", "reply": "The book is ALONE by Morgan Maxwell."},
+    {"when": "ramble on", "reply": "and on " * 400},
+    {"when": "tell me slowly", "reply": "Slowly, about {question}.", "seconds_per_token": 0.03},
     {"when": "too big for the gpu", "reply": "", "fail": "out_of_memory"},
     {"when": "crash the worker", "reply": "", "fail": "worker_crash"},
     {"when": "Extract all the text", "reply": "ALONE\nMorgan Maxwell"},

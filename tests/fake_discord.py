@@ -33,6 +33,7 @@ import datetime
 import io
 import json
 import logging
+import random
 import re
 import secrets
 import socket
@@ -516,6 +517,9 @@ class FakeDiscord:
         # What tests read.
         self.requests: collections.deque[RecordedRequest] = collections.deque(maxlen=request_log_size)
         self._failures: list[list[Any]] = []  # see fail_next
+        self._random_failures: tuple[float, tuple[int, ...], re.Pattern[str], float] | None = None
+        self._random = random.Random(0)  # see fail_at_random
+        self.injected_failures: list[tuple[str, int]] = []  # (path, status) of each random failure
         self.unknown_routes: list[str] = []
         self.heartbeat_times: list[float] = []
         self.gateway_connects: list[dict[str, str]] = []  # query of each websocket (v, encoding, compress)
@@ -1334,6 +1338,55 @@ class FakeDiscord:
             raise KeyError(f"no such message: {message_id}")
         await self._delete(self._messages[message_id])
 
+    # ------------------------------------------------------------------ deletions and random faults
+
+    async def delete_thread(self, thread_id: int) -> None:
+        """A moderator deletes a thread: its messages go with it, later calls to it get 404
+        Unknown Channel (10003), and THREAD_DELETE carries what Discord documents (id,
+        guild_id, parent_id, type). The message it was made from stays in the parent."""
+        thread = self._threads.pop(thread_id, None)
+        if thread is None:
+            raise KeyError(f"no such thread: {thread_id}")
+        for message_id in self._channel_messages.pop(thread_id, []):
+            self._messages.pop(message_id, None)  # no MESSAGE_DELETE for these, as on Discord
+        event: JSON = {
+            "id": thread["id"],
+            "guild_id": str(self.guild_id),
+            "parent_id": thread["parent_id"],
+            "type": thread["type"],
+        }
+        await self._dispatch_all("THREAD_DELETE", event, intent=INTENT_GUILDS)
+        self._changed()
+
+    def fail_at_random(
+        self,
+        probability: float,
+        *,
+        statuses: Sequence[int] = (429, 502),
+        path_pattern: str = r"^/(channels|webhooks|interactions)/",
+        retry_after: float = 0.2,
+        seed: int = 0,
+    ) -> None:
+        """From now on, answer each request whose path matches `path_pattern` with one of
+        `statuses` (429: a rate limit with `retry_after`; 5xx: an outage) with `probability`,
+        the request left undone; ``probability=0`` stops it. Seeded, so a run can be repeated."""
+        self._random_failures = (probability, tuple(statuses), re.compile(path_pattern), retry_after)
+        self._random = random.Random(seed)
+
+    def _raise_random_failure(self, path: str) -> None:
+        if self._random_failures is None:
+            return
+        probability, statuses, pattern, retry_after = self._random_failures
+        if probability <= 0 or not pattern.search(path) or self._random.random() >= probability:
+            return
+        status = self._random.choice(statuses)
+        self.injected_failures.append((path, status))
+        if status == 429:
+            raise ApiError(
+                429, 0, "You are being rate limited.", extra={"retry_after": retry_after, "global": False}
+            )
+        raise ApiError(status, 0, f"{status}: injected failure")
+
     def _check_can_post(self, user: JSON, channel_id: int) -> None:
         if channel_id in self._dms:
             recipients = {r["id"] for r in self._dms[channel_id]["recipients"]}
@@ -1973,7 +2026,8 @@ class FakeDiscord:
         try:
             await self._read_body(request, record)
             request[_RECORD] = record
-            self._raise_injected_failure(request.method, path)
+            self._raise_injected_failure(request.method, path, record.json)
+            self._raise_random_failure(path)
             public = path.startswith(("/webhooks/", "/interactions/")) or path == "/gateway"
             if not public and request.headers.get("Authorization") != f"Bot {self.token}":
                 raise ApiError(401, 0, "401: Unauthorized")
@@ -1999,19 +2053,26 @@ class FakeDiscord:
         count: int = 1,
         retry_after: float = 0.2,
         code: int = 0,
+        body_matches: Callable[[Any], bool] | None = None,
     ) -> None:
         """Answer the next `count` requests matching `method` and `path_pattern` (a regex over the
         path after /api/v10) with `status` and Discord error `code`: 429 is a rate limit with
-        `retry_after`, 5xx an outage, 401 with code 50027 an expired interaction token."""
-        self._failures.append([method.upper(), re.compile(path_pattern), status, count, retry_after, code])
+        `retry_after`, 5xx an outage, 401 with code 50027 an expired interaction token.
+        `body_matches`, given the request's JSON body (or None), narrows it to some requests,
+        e.g. the edit that carries the end of an answer."""
+        self._failures.append(
+            [method.upper(), re.compile(path_pattern), status, count, retry_after, code, body_matches]
+        )
 
     def stop_failing(self) -> None:
         """Forget the failures `fail_next` asked for that have not happened yet."""
         self._failures.clear()
 
-    def _raise_injected_failure(self, method: str, path: str) -> None:
+    def _raise_injected_failure(self, method: str, path: str, body: Any = None) -> None:
         for failure in self._failures:
-            wanted_method, pattern, status, count, retry_after, code = failure
+            wanted_method, pattern, status, count, retry_after, code, body_matches = failure
+            if body_matches is not None and not body_matches(body):
+                continue
             if count > 0 and method == wanted_method and pattern.search(path):
                 failure[3] -= 1
                 if status == 429:

@@ -24,14 +24,15 @@ async def test_the_bot_answers_on_the_fast_path(tiny_model_dir: Path, tmp_path: 
                 mention_bot=True,
             )
             thread = int(question["id"])
-            # Unscripted, the tiny model rambles until MAX_NEW_TOKENS; the answer ends when its
-            # Cancel button is taken off.
-            answer = await fake.wait_for(
-                lambda: next((m for m in fake.bot_messages_in(thread) if m["components"] == []), None),
+            # Unscripted, the tiny model rambles until MAX_NEW_TOKENS: the answer ends with the
+            # notice that says so (the fast path reports why its answers end, too).
+            answer, told = await fake.wait_for(
+                lambda: (m := fake.bot_messages_in(thread))[-1:] and m[-1]["content"].startswith("⚠️") and m,
                 timeout=30,
                 description="a finished answer",
             )
             assert answer["content"].strip() and not answer["content"].startswith("⚠️")
+            assert told["content"].startswith("⚠️ This answer reached the length limit")
             assert "fast path on: native Phi-3" in bot.log
             assert "warmed up in" in bot.log  # before it took the question
         finally:

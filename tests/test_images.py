@@ -495,8 +495,10 @@ class FakeThread:
         self._messages = messages
         self.parent = None
 
-    async def history(self, *, limit: int, oldest_first: bool) -> AsyncIterator[Any]:
-        for message in self._messages[:limit]:
+    async def history(self, *, limit: int, before: Any = None) -> AsyncIterator[Any]:
+        """Newest first, as discord.py's default; `before` a snowflake-like object or None."""
+        older = [m for m in self._messages if before is None or m.id < before.id]
+        for message in reversed(older[-limit:]):
             yield message
 
 
@@ -572,3 +574,28 @@ def test_default_limits_match_the_documented_defaults() -> None:
     example = open(__file__.replace("tests/test_images.py", ".env.example")).read()
     for line in ("MAX_IMAGE_BYTES=20971520", "MAX_IMAGE_PIXELS=40000000", "MAX_IMAGES=4"):
         assert line in example.splitlines(), line
+
+
+async def test_a_rebuild_ends_at_its_question_and_keeps_the_newest_of_a_long_thread(cdn: Cdn) -> None:
+    starter = message(10, ALICE_ID, "<@1> first question")
+    history = []
+    for n in range(80):  # 160 messages: more than the rebuild reads
+        history += [
+            message(100 + 2 * n, ALICE_ID, f"question {n}"),
+            message(101 + 2 * n, BOT_ID, f"answer {n}"),
+        ]
+    later = message(1000, ALICE_ID, "a later question")
+    thread = FakeThread(starter, [*history, later])
+    async with ImageFetcher() as fetcher:
+        rebuilt = await thread_conversation(
+            thread,
+            SimpleNamespace(id=BOT_ID),  # type: ignore[arg-type]
+            "D.",
+            fetcher,
+            up_to=258,  # "question 79": the one being answered, not the later one
+            kind_of={101 + 2 * n: "answer" for n in range(80)}.get,
+        )
+    turns = rebuilt.conversation.turns
+    assert turns[0].text == "first question"
+    assert turns[-1].text == "question 79"
+    assert turns[-2].text == "answer 78"
