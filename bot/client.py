@@ -91,10 +91,10 @@ class SeeBot(discord.Client):
 
         if self.settings.api_base_url:
             await use_gateway_of_api(self)
-        # The model loads on the engine's worker thread while the gateway connects.
-        self._engine_task = asyncio.create_task(self._start_engine(), name="engine-start")
         await self.storage.open()
         await self.server_settings.load()
+        # The model loads on the engine's worker thread while the gateway connects.
+        self._engine_task = asyncio.create_task(self._start_engine(), name="engine-start")
         register_commands(self.tree, self)
         register_admin_commands(self.tree, self.server_settings, self.settings)
         self.tree.on_error = self._on_command_error

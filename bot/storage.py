@@ -82,6 +82,8 @@ class Storage:
         return self.problem is None
 
     async def _run(self, job: Callable[[], T]) -> T:
+        if self._closed:  # shutting down: a late question is let through, a change not saved
+            raise sqlite3.OperationalError("the database is closed")
         return await asyncio.get_running_loop().run_in_executor(self._thread, job)
 
     async def open(self) -> None:
@@ -121,7 +123,6 @@ class Storage:
         """Close the database and its thread; later calls do nothing."""
         if self._closed:
             return
-        self._closed = True
 
         def close_db() -> None:
             if self._db is not None:
@@ -129,6 +130,7 @@ class Storage:
                 self._db = None
 
         await self._run(close_db)
+        self._closed = True
         self._thread.shutdown(wait=True)
 
     @property
