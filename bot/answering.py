@@ -22,34 +22,29 @@ from inference import (
 
 from .cancel import CancelView
 from .discord_calls import DISCORD_FAILURES, describe
-from .history import NOTICE_PREFIX, WAITING_PREFIX
 from .questions import MessageKind, Question
 from .replies import SendMessage, StreamingReply
+from .texts import (
+    EMPTY_ANSWER,
+    MODEL_STOPPED,
+    STARTING_UP,
+    TOO_LONG,
+    cancelled_by,
+    could_not_answer,
+    notice,
+    out_of_gpu_memory,
+    too_slow,
+    waiting_status,
+    went_wrong,
+)
 
 log = logging.getLogger(__name__)
 
 TYPING_REFRESH_SECONDS = 8.0
-EMPTY_ANSWER = f"{NOTICE_PREFIX} The model gave an empty answer. Try asking another way."
 
 
 class GenerationTimeout(Exception):
     """The answer ran past GENERATION_TIMEOUT_SECONDS."""
-
-
-def notice(text: str) -> str:
-    return f"{NOTICE_PREFIX} {text}"
-
-
-def waiting_status(place: int) -> str:
-    ahead = "1 question is" if place == 1 else f"{place} questions are"
-    return f"{WAITING_PREFIX} Waiting in line: {ahead} ahead of yours."
-
-
-STARTING_UP = (
-    f"{WAITING_PREFIX} Just a moment: I'm starting up (loading and warming up the model). "
-    "I'll answer as soon as I'm ready."
-)
-MODEL_STOPPED = "The model stopped working, so I'm restarting. Please ask again in a minute."
 
 
 def generation_failed_notice(error: GenerationError) -> str:
@@ -58,10 +53,7 @@ def generation_failed_notice(error: GenerationError) -> str:
     if type(cause).__name__ == "OutOfMemoryError" or "out of memory" in str(cause).lower():
         error_id = secrets.token_hex(4)
         log.error("out of GPU memory [error id %s]: %s", error_id, cause)
-        return notice(
-            f"The GPU ran out of memory on this question (error id `{error_id}`). "
-            "Try fewer or smaller images, or ask again when the bot is less busy."
-        )
+        return notice(out_of_gpu_memory(error_id))
     return unexpected_error_notice("generation", cause)
 
 
@@ -69,12 +61,7 @@ def unexpected_error_notice(what: str, error: BaseException) -> str:
     """Log a bug with a short id and return the reply that quotes it, so reports can be matched."""
     error_id = secrets.token_hex(4)
     log.error("%s failed [error id %s]", what, error_id, exc_info=error)
-    return notice(f"Something went wrong on my side (error id `{error_id}`).")
-
-
-TOO_LONG = (
-    "This answer reached the length limit, so it stops here. Ask me to go on, or ask a narrower question."
-)
+    return notice(went_wrong(error_id))
 
 
 async def answer(
@@ -102,7 +89,7 @@ async def answer(
         asked = question
 
         def cancel(user: discord.abc.User) -> None:
-            asked.stop(f"user {user.id} pressed Cancel", f"Cancelled by {user.mention}.")
+            asked.stop(f"user {user.id} pressed Cancel", cancelled_by(user.mention))
 
         view = CancelView(question.asker_id, cancel)
     reply = StreamingReply(
@@ -169,7 +156,7 @@ async def _answer(
                 text = await reply.stream(pieces)
     except GenerationTimeout:
         log.warning("%s: the answer was stopped after %s s", reply.label, timeout)
-        await reply.conclude(notice(f"I stopped this answer: it took longer than {timeout:g} seconds."))
+        await reply.conclude(notice(too_slow(timeout)))
         return None
     except GenerationError as error:  # the model failed, not the question: give an id to report
         await reply.conclude(generation_failed_notice(error))
@@ -179,7 +166,7 @@ async def _answer(
         raise
     except EngineError as error:
         log.warning("%s: could not be answered: %s", reply.label, error)
-        await reply.conclude(notice(f"Sorry, I could not answer: {error}"))
+        await reply.conclude(notice(could_not_answer(error)))
         return None
     except (*DISCORD_FAILURES, asyncio.CancelledError):
         raise

@@ -7,9 +7,10 @@ from collections.abc import Callable
 
 import discord
 
+from .texts import ONLY_REQUESTER
+
 log = logging.getLogger(__name__)
 
-ONLY_REQUESTER = "⚠️ Only the person who asked (or a moderator) can cancel this answer."
 
 
 class CancelView(discord.ui.View):

@@ -2,16 +2,13 @@
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
-
 import discord
 from discord import app_commands
 
-if TYPE_CHECKING:
-    from .client import SeeBot
+from .responder import Responder
 
 
-def register_commands(tree: app_commands.CommandTree, bot: SeeBot) -> None:
+def register_commands(tree: app_commands.CommandTree, responder: Responder) -> None:
     @tree.command(name="ask", description="Ask a question about one to three images")
     @app_commands.describe(
         image="The image to ask about",
@@ -27,13 +24,14 @@ def register_commands(tree: app_commands.CommandTree, bot: SeeBot) -> None:
         image3: discord.Attachment | None = None,
     ) -> None:
         images = [a for a in (image, image2, image3) if a is not None]
-        await bot.answer_interaction(interaction, question, images)
+        await responder.respond_to_interaction(interaction, question, images)
 
-    @tree.command(name="ocr", description="Read all the text in an image")
-    @app_commands.describe(image="The image to read")
+    @tree.command(name="ocr", description="Read all the text in an image or a PDF")
+    @app_commands.describe(image="The image or PDF to read")
     async def ocr(interaction: discord.Interaction, image: discord.Attachment) -> None:
-        prompt = bot.server_settings.prompt(interaction.guild_id, "ocr")
-        await bot.answer_interaction(interaction, prompt, [image])
+        await responder.respond_to_interaction(
+            interaction, responder.prompt(interaction.guild_id, "ocr"), [image], read_text=True
+        )
 
     @tree.command(name="compare", description="Compare two images")
     @app_commands.describe(
@@ -47,5 +45,6 @@ def register_commands(tree: app_commands.CommandTree, bot: SeeBot) -> None:
         image2: discord.Attachment,
         question: app_commands.Range[str, 1, 2000] | None = None,
     ) -> None:
-        prompt = question or bot.server_settings.prompt(interaction.guild_id, "compare")
-        await bot.answer_interaction(interaction, prompt, [image1, image2])
+        await responder.respond_to_interaction(
+            interaction, question or responder.prompt(interaction.guild_id, "compare"), [image1, image2]
+        )

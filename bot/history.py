@@ -17,22 +17,13 @@ from PIL import Image
 
 from inference import Conversation, Turn
 
-from .images import (
-    CollectedImages,
-    ImageFetcher,
-    ImageProblem,
-    sort_attachments,
-    too_many_images,
-)
+from .images import CollectedImages, ImageFetcher, ImageProblem, declared_kind, too_many_images
+from .media_urls import MediaHosts
+from .sources import MediaSource, MessageMedia, message_media
+from .texts import NOTICE_PREFIX, WAITING_PREFIX  # messages the bot left out of conversations
 
 log = logging.getLogger(__name__)
 
-# Bot messages that start with this are notices (errors, hints), not answers. Which of the
-# bot's messages are answers is known by their ids (see bot/questions.py); the prefixes only
-# sort messages written before the bot's current run.
-NOTICE_PREFIX = "⚠️"
-# A status line (the place in line) that an answer was meant to replace, e.g. if it was cancelled.
-WAITING_PREFIX = "⏳"
 HISTORY_LIMIT = 100
 _CHAT_MESSAGE_TYPES = (discord.MessageType.default, discord.MessageType.reply)
 
@@ -56,14 +47,19 @@ async def referenced_message(message: discord.Message) -> discord.Message | None
         return None
 
 
-async def attachments_of(message: discord.Message, *, with_reply: bool = True) -> list[discord.Attachment]:
-    """The message's attachments, after those of the message it replies to (read first)."""
-    attachments: list[discord.Attachment] = []
+async def media_of(
+    message: discord.Message, hosts: MediaHosts | None = None, *, with_reply: bool = True
+) -> MessageMedia:
+    """The message's attachments, embedded images and stickers (``bot/sources.py``), after
+    those of the message it replies to (read first)."""
+    hosts = hosts or MediaHosts()
+    media = MessageMedia()
     if with_reply:
         replied = await referenced_message(message)
         if replied is not None:
-            attachments += replied.attachments
-    return attachments + list(message.attachments)
+            media += message_media(replied, hosts)
+    media += message_media(message, hosts)
+    return media
 
 
 async def collect_images(
@@ -73,7 +69,10 @@ async def collect_images(
 
     Raises :class:`ImageProblem` when one of them cannot be used (see ``bot/images.py``).
     """
-    return await fetcher.collect(await attachments_of(message, with_reply=with_reply))
+    media = await media_of(message, fetcher.hosts, with_reply=with_reply)
+    collected = await fetcher.collect(media.sources)
+    collected.notices[:0] = media.notices
+    return collected
 
 
 @dataclass
@@ -81,7 +80,7 @@ class _PendingTurn:
     role: str
     texts: list[str] = field(default_factory=list)
     # (message id, image candidates of that message) in order; images replace them later.
-    attachments: list[tuple[int, list[discord.Attachment]]] = field(default_factory=list)
+    attachments: list[tuple[int, list[MediaSource]]] = field(default_factory=list)
     images: list[Image.Image] = field(default_factory=list)
 
 
@@ -134,7 +133,7 @@ async def thread_conversation(
     newest_id: int | None = None  # the newest person's message: the new question
     newest_notices: list[str] = []
     for message in messages:
-        attachments: list[discord.Attachment] = []
+        attachments: list[MediaSource] = []
         if message.author.id == bot_user.id:
             kind = kind_of(message.id)
             if kind is None and message.content.startswith((NOTICE_PREFIX, WAITING_PREFIX)):
@@ -147,9 +146,10 @@ async def thread_conversation(
         else:
             role = "user"
             text = question_text(message, bot_user.id)
-            fresh = [a for a in await attachments_of(message, with_reply=True) if a.id not in seen]
-            seen.update(a.id for a in fresh)
-            attachments, newest_notices = sort_attachments(fresh)
+            media = await media_of(message, fetcher.hosts, with_reply=True)
+            attachments = [a for a in media.sources if a.id not in seen]
+            seen.update(a.id for a in attachments)
+            newest_notices = media.notices
             newest_id = message.id
         if not (turns and turns[-1].role == role):
             turns.append(_PendingTurn(role))
@@ -171,38 +171,41 @@ async def _thread_images(
     limit = fetcher.limits.max_images
     notices = list(newest_notices)
     last = turns[-1]
-    newest: list[discord.Attachment] = []
+    newest: list[MediaSource] = []
     if last.attachments and last.attachments[-1][0] == newest_id:
         newest = last.attachments.pop()[1]
-    if len(newest) > limit:
-        notices.append(too_many_images(limit, [a.filename for a in newest[limit:]]))
-        newest = newest[:limit]
     earlier = [
         (turn, attachment)
         for turn in turns
         for _, attachments in turn.attachments
         for attachment in attachments
     ]
-    budget = limit - len(newest)
-    if len(earlier) > budget:
-        notices.append(too_many_images(limit, [a.filename for _, a in earlier[budget:]], earlier=True))
-        earlier = earlier[:budget]
+    budget = max(0, limit - sum(declared_kind(a) is not None for a in newest))  # before sniffing
+    left_out = [a.filename for _, a in earlier[budget:]]
+    earlier = earlier[:budget]
     earlier_fetches = asyncio.gather(*(fetcher.fetch(a) for _, a in earlier), return_exceptions=True)
     try:
-        newest_images = await fetcher.fetch_all(newest)  # a problem here refuses the request
+        collected = await fetcher.collect(newest)  # a problem here refuses the request
     except BaseException:
         earlier_fetches.cancel()
         await asyncio.gather(earlier_fetches, return_exceptions=True)
         raise
+    notices += collected.notices
+    budget = limit - len(collected.pictures)
+    cut: list[str] = []
     results = await earlier_fetches
     for (turn, attachment), result in zip(earlier, results, strict=True):
         if isinstance(result, ImageProblem):  # told when it was sent (or since deleted): no notice
             log.info("left out %s from earlier in the thread: %s", attachment.filename, result)
         elif isinstance(result, BaseException):
             raise result
-        else:
-            turn.images.append(result)
-    last.images += newest_images
+        else:  # a PDF's pages count one each
+            cut += [picture.label for picture in result.pictures[max(0, budget) :]]
+            turn.images += [picture.image for picture in result.pictures[: max(0, budget)]]
+            budget -= len(result.pictures)
+    if cut or left_out:
+        notices.append(too_many_images(limit, cut + left_out, earlier=True))
+    last.images += collected.images
     return notices
 
 

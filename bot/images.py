@@ -1,20 +1,24 @@
-"""Images from Discord attachments: which ones are images, downloading them safely, decoding.
+"""Images from Discord messages: which ones are images, downloading them safely, decoding.
 
 The rules, in the order a request meets them:
 
-1. **Which attachments are images.** An attachment is an image *candidate* when its
-   content type (which Discord sets by sniffing the upload) starts with ``image/`` or its
-   name ends in .png, .jpg, .jpeg, .webp, .gif or .bmp. Anything else (``notes.txt``, a
-   PDF, a zip) is skipped with a notice; a slash command's image option refuses it instead.
-   The name and type only nominate: the *bytes* decide. A candidate is opened with
-   Pillow's decoders for PNG, JPEG, WebP, GIF and BMP only, so a ``.png`` that is really a
-   PDF, or an HEIC, SVG or TIFF, is refused with a clear reply rather than guessed at.
-2. **How many.** At most ``max_images`` candidates per request, in order; the rest are
-   left out with a notice and never downloaded.
+1. **Which attachments are images.** The *bytes* decide: any attachment whose first bytes
+   are a PNG, JPEG, WebP, GIF or BMP is an image, whatever its name or content type (a
+   screenshot saved as ``upload.bin``), and one whose first bytes are a PDF is read as its
+   pages (``bot/pdf.py``). An attachment whose type or name says image or PDF is *declared*
+   one (its declared size is checked before downloading, and it counts towards the limit
+   before any download); any other attachment is sniffed: its download stops after the
+   first bytes unless they are an image or a PDF, and it is then skipped with a notice (a
+   slash command refuses it instead). A declared image whose bytes are neither, or an
+   HEIC, SVG or TIFF, is refused with a clear reply rather than guessed at. Embedded images
+   and stickers (``bot/sources.py``) come as sources of the same shape.
+2. **How many.** At most ``max_images`` images per request (a PDF's pages count one each),
+   in order; the rest are left out with a notice, declared ones never downloaded.
 3. **How big in bytes.** The size Discord declares is checked before downloading, and the
-   download itself stops at ``max_bytes`` whatever was declared (the body is streamed in
-   chunks, after any content decoding). A failed (HTTP error, connection error) or slow
-   (``download_timeout_seconds``) download is refused with a clear reply.
+   download itself stops at ``max_bytes`` (``max_pdf_bytes`` for a PDF) whatever was
+   declared (the body is streamed in chunks, after any content decoding). A failed (HTTP
+   error, connection error) or slow (``download_timeout_seconds``) download is refused with
+   a clear reply.
 4. **How big in pixels.** The width and height are read from the header and checked
    against ``max_pixels`` before any pixel is decoded (decompression bombs: a few KB of PNG
    can claim 50000 x 50000 pixels). Pillow's own bomb limit is set to the same number as a
@@ -23,7 +27,8 @@ The rules, in the order a request meets them:
    heartbeats), two at a time per bot to bound memory: the first frame of an animation,
    EXIF orientation applied, 16-bit greyscale scaled to 8 bits, transparency laid over
    white, then RGB. Very large images are scaled down to what the model can use at most
-   (see :func:`model_size_cap`).
+   (see :func:`model_size_cap`). A PDF's first ``max_pdf_pages`` pages are rendered the
+   same way, in the same worker threads, at that size (``bot/pdf.py``).
 
 A candidate that fails 3-5 refuses the whole request (:class:`ImageProblem`): the question
 is about that image, and an answer without it would mislead. Texts of problems and notices
@@ -38,7 +43,7 @@ import io
 import logging
 import math
 import re
-from collections.abc import Iterable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import PurePosixPath
 from typing import Any, Protocol
@@ -46,12 +51,26 @@ from typing import Any, Protocol
 import aiohttp
 from PIL import Image, ImageOps, UnidentifiedImageError
 
+from .media_urls import MediaHosts
+from .pdf import DEFAULT_MAX_PDF_PAGES, PdfProblem, is_pdf, render_pdf
+from .texts import (
+    download_failed,
+    download_too_slow,
+    not_an_image,
+    not_on_discord,
+    pages_left_out,
+    skipped_not_an_image,
+    too_many_bytes,
+    too_many_images,
+    too_many_pixels,
+    unreadable_image,
+)
+
 log = logging.getLogger(__name__)
 
 IMAGE_SUFFIXES = frozenset({".png", ".jpg", ".jpeg", ".webp", ".gif", ".bmp"})
 # Pillow format names: Image.open(..., formats=...) tries these decoders and no others.
 DECODERS = ("PNG", "JPEG", "WEBP", "GIF", "BMP")
-KINDS = "PNG, JPEG, WebP, GIF or BMP"
 
 DEFAULT_MAX_IMAGE_BYTES = 20 * 1024 * 1024
 DEFAULT_MAX_IMAGE_PIXELS = 40_000_000
@@ -68,10 +87,15 @@ class ImageProblem(Exception):
     """An image the user sent cannot be used; the message (a plain sentence) is shown to them."""
 
 
-class AttachmentLike(Protocol):
-    """What is used of a :class:`discord.Attachment` (tests pass simple stand-ins)."""
+class NotMedia(ImageProblem):
+    """The first bytes are neither an image the bot reads nor a PDF."""
 
-    id: int
+
+class AttachmentLike(Protocol):
+    """What is used of a :class:`discord.Attachment` (tests pass simple stand-ins); embedded
+    images and stickers come as :class:`bot.sources.MediaSource`, which adds ``declared``."""
+
+    id: Any  # unique within a conversation
     filename: str
     size: int
     url: str
@@ -91,6 +115,8 @@ class ImageLimits:
     download_timeout_seconds: float = DEFAULT_DOWNLOAD_TIMEOUT_SECONDS
     # The most tiles the model is ever asked to use for one image (NUM_CROPS, or 16).
     max_crops: int = DEFAULT_MAX_CROPS
+    max_pdf_pages: int = DEFAULT_MAX_PDF_PAGES
+    max_pdf_bytes: int = DEFAULT_MAX_IMAGE_BYTES
 
     @classmethod
     def from_settings(cls, settings: Any) -> ImageLimits:
@@ -102,6 +128,8 @@ class ImageLimits:
             max_images=settings.max_images,
             download_timeout_seconds=settings.image_download_timeout_seconds,
             max_crops=max(DEFAULT_MAX_CROPS, num_crops or 0),
+            max_pdf_pages=settings.max_pdf_pages,
+            max_pdf_bytes=settings.max_pdf_bytes,
         )
 
 
@@ -116,62 +144,19 @@ def looks_like_image(attachment: AttachmentLike) -> bool:
     return PurePosixPath(attachment.filename).suffix.lower() in IMAGE_SUFFIXES
 
 
-def image_attachments(attachments: Iterable[AttachmentLike]) -> list[AttachmentLike]:
-    return [attachment for attachment in attachments if looks_like_image(attachment)]
+def looks_like_pdf(attachment: AttachmentLike) -> bool:
+    content_type = (attachment.content_type or "").split(";")[0].strip().lower()
+    return content_type == "application/pdf" or PurePosixPath(attachment.filename).suffix.lower() == ".pdf"
 
 
-def sort_attachments(
-    attachments: Iterable[AttachmentLike], *, strict: bool = False
-) -> tuple[list[AttachmentLike], list[str]]:
-    """The image candidates, and a notice for each other attachment (``strict``: refuse it)."""
-    candidates: list[AttachmentLike] = []
-    notices: list[str] = []
-    for attachment in attachments:
-        if looks_like_image(attachment):
-            candidates.append(attachment)
-        elif strict:
-            raise ImageProblem(not_an_image(attachment.filename))
-        else:
-            notices.append(skipped_not_an_image(attachment.filename))
-    return candidates, notices
-
-
-def not_an_image(name: str) -> str:
-    return f"`{name}` is not an image ({KINDS})."
-
-
-def skipped_not_an_image(name: str) -> str:
-    return f"Skipped `{name}`: not an image."
-
-
-def too_many_images(max_images: int, left_out: Sequence[str], *, earlier: bool = False) -> str:
-    names = ", ".join(f"`{name}`" for name in left_out)
-    if earlier:
-        return (
-            f"I look at {max_images} images at a time, "
-            f"so this answer leaves out {names} from earlier in this thread."
-        )
-    return f"I look at {max_images} images at a time, so I left out {names}."
-
-
-def _number(value: float) -> str:
-    return f"{value:.0f}" if value >= 10 else f"{value:.1f}".removesuffix(".0")
-
-
-def _bytes_text(size: int) -> str:
-    if size >= 1024 * 1024:
-        return f"{_number(size / (1024 * 1024))} MB"
-    return f"{_number(size / 1024)} KB"
-
-
-def too_many_bytes(name: str, max_bytes: int, size: int | None = None) -> str:
-    actual = f" ({_bytes_text(size)})" if size is not None else ""
-    return f"`{name}` is too large{actual}: the limit is {_bytes_text(max_bytes)} per image."
-
-
-def too_many_pixels(name: str, max_pixels: int, pixels: int | None = None) -> str:
-    actual = f" ({_number(pixels / 1_000_000)} megapixels)" if pixels is not None else ""
-    return f"`{name}` has too many pixels{actual}: the limit is {_number(max_pixels / 1_000_000)} megapixels."
+def declared_kind(source: AttachmentLike) -> str | None:
+    """``image`` or ``pdf`` as the source's type or name says (its bytes decide later), else None."""
+    declared = getattr(source, "declared", None)
+    if declared:
+        return str(declared)
+    if looks_like_image(source):
+        return "image"
+    return "pdf" if looks_like_pdf(source) else None
 
 
 # --- decoding -------------------------------------------------------------------------------
@@ -183,6 +168,13 @@ _SIGNATURES = (
     (b"GIF89a", "GIF"),
     (b"BM", "BMP"),
 )
+
+
+def sniff_kind(data: bytes) -> str | None:
+    """``image`` or ``pdf`` as the first bytes say, else None."""
+    if sniff_format(data) is not None:
+        return "image"
+    return "pdf" if is_pdf(data) else None
 
 
 def sniff_format(data: bytes) -> str | None:
@@ -254,11 +246,11 @@ def decode_image(
         log.info("cannot open %s: %s", name, reason)
         if sniff_format(data) is None:
             raise ImageProblem(not_an_image(name)) from error
-        raise ImageProblem(f"I could not read `{name}` as an image.") from error
+        raise ImageProblem(unreadable_image(name)) from error
     with opened:
         width, height = opened.size
         if width < 1 or height < 1:
-            raise ImageProblem(f"I could not read `{name}` as an image.")
+            raise ImageProblem(unreadable_image(name))
         if width * height > max_pixels:
             log.info("refused %s: %d x %d pixels", name, width, height)
             raise ImageProblem(too_many_pixels(name, max_pixels, width * height))
@@ -275,7 +267,7 @@ def decode_image(
             raise ImageProblem(too_many_pixels(name, max_pixels, width * height)) from error
         except (OSError, ValueError, SyntaxError, EOFError, IndexError) as error:
             log.info("cannot decode %s: %s", name, error)
-            raise ImageProblem(f"I could not read `{name}` as an image.") from error
+            raise ImageProblem(unreadable_image(name)) from error
     target = model_size_cap(image.width, image.height, max_crops)
     if target != image.size:
         image = image.resize(target, Image.Resampling.LANCZOS, reducing_gap=3.0)
@@ -283,6 +275,21 @@ def decode_image(
 
 
 # --- downloading ----------------------------------------------------------------------------
+
+_SNIFF_BYTES = 1024  # enough for every signature, and for a PDF header after some junk
+
+
+@dataclass(frozen=True)
+class Picture:
+    """One image the model sees, and where it came from (a PDF's page: ``page`` from 1)."""
+
+    image: Image.Image
+    name: str
+    page: int | None = None
+
+    @property
+    def label(self) -> str:
+        return self.name if self.page is None else f"{self.name} page {self.page}"
 
 
 @dataclass
@@ -293,19 +300,30 @@ class CollectedImages:
     one message, each line ``notice(text)`` (``⚠️ `` in front), in the place of the answer.
     """
 
-    images: list[Image.Image] = field(default_factory=list)
+    pictures: list[Picture] = field(default_factory=list)
     notices: list[str] = field(default_factory=list)
+
+    @property
+    def images(self) -> list[Image.Image]:
+        return [picture.image for picture in self.pictures]
 
 
 class ImageFetcher:
-    """Downloads and decodes the images of one bot within its :class:`ImageLimits`.
+    """Downloads and decodes the images (and renders the PDFs) of one bot within its limits.
 
     One per bot: it owns an ``aiohttp`` session (created on first use, without the bot's
     token: the CDN needs none) unless one is passed in. Call :meth:`close` on shutdown.
+    With ``hosts``, an embed's image on any other host is never requested (``bot/media_urls.py``).
     """
 
-    def __init__(self, limits: ImageLimits | None = None, session: aiohttp.ClientSession | None = None):
+    def __init__(
+        self,
+        limits: ImageLimits | None = None,
+        session: aiohttp.ClientSession | None = None,
+        hosts: MediaHosts | None = None,
+    ):
         self.limits = limits or ImageLimits()
+        self.hosts = hosts
         self._session = session
         self._owns_session = session is None
         self._decodes = asyncio.Semaphore(DECODES_AT_ONCE)
@@ -331,27 +349,47 @@ class ImageFetcher:
         return self._session
 
     async def collect(
-        self, attachments: Sequence[AttachmentLike], *, strict: bool = False
+        self, sources: Sequence[AttachmentLike], *, strict: bool = False, max_images: int | None = None
     ) -> CollectedImages:
-        """The images among ``attachments`` (see the module's rules), or :class:`ImageProblem`.
+        """The images of ``sources`` in order (see the module's rules), or :class:`ImageProblem`.
 
         ``strict`` (slash commands, whose options are all meant to be images): a non-image
-        refuses the request instead of being skipped with a notice.
+        refuses the request instead of being skipped with a notice. ``max_images``: another
+        limit than the fetcher's (reading page by page, one image per answer).
         """
-        candidates, notices = sort_attachments(attachments, strict=strict)
-        if len(candidates) > self.limits.max_images:
-            left_out = candidates[self.limits.max_images :]
-            candidates = candidates[: self.limits.max_images]
-            notices.append(too_many_images(self.limits.max_images, [a.filename for a in left_out]))
-        return CollectedImages(await self.fetch_all(candidates), notices)
+        limit = max_images or self.limits.max_images
+        chosen: list[AttachmentLike] = []
+        not_downloaded: list[str] = []
+        declared = 0
+        for source in sources:
+            if declared_kind(source) is not None:
+                if declared >= limit:
+                    not_downloaded.append(source.filename)
+                    continue
+                declared += 1
+            chosen.append(source)
+        results = await self._fetch_together([self._fetch_or_skip(source, strict) for source in chosen])
+        collected = CollectedImages()
+        for result in results:
+            collected.pictures += result.pictures
+            collected.notices += result.notices
+        left_out = [picture.label for picture in collected.pictures[limit:]] + not_downloaded
+        del collected.pictures[limit:]
+        if left_out:
+            collected.notices.append(too_many_images(limit, left_out))
+        return collected
 
-    async def fetch_all(self, attachments: Sequence[AttachmentLike]) -> list[Image.Image]:
-        """Each attachment as an image, in order, fetched together.
+    async def fetch_all(self, sources: Sequence[AttachmentLike]) -> list[Image.Image]:
+        """Each source's images, in order, fetched together (a non-image is a problem).
 
         The first problem stops the others (no waiting for a slow download to time out
         before the reply); when several failed at once, the first in order is raised.
         """
-        tasks = [asyncio.ensure_future(self.fetch(attachment)) for attachment in attachments]
+        results = await self._fetch_together([self.fetch(source) for source in sources])
+        return [picture.image for result in results for picture in result.pictures]
+
+    async def _fetch_together(self, fetches: Sequence[Any]) -> list[CollectedImages]:
+        tasks = [asyncio.ensure_future(fetch) for fetch in fetches]
         if not tasks:
             return []
         try:
@@ -365,48 +403,100 @@ class ImageFetcher:
             raise failures[0]  # type: ignore[misc]
         return [task.result() for task in tasks]
 
-    async def fetch(self, attachment: AttachmentLike) -> Image.Image:
-        """One attachment downloaded within the limits and decoded off the event loop."""
-        data = await self.download(attachment)
-        async with self._decodes:
-            return await asyncio.to_thread(
-                decode_image,
-                data,
-                attachment.filename,
-                max_pixels=self.limits.max_pixels,
-                max_crops=self.limits.max_crops,
-            )
+    async def _fetch_or_skip(self, source: AttachmentLike, strict: bool) -> CollectedImages:
+        try:
+            return await self.fetch(source)
+        except NotMedia:
+            if strict or declared_kind(source) is not None:
+                raise
+            return CollectedImages(notices=[skipped_not_an_image(source.filename)])
 
-    async def download(self, attachment: AttachmentLike) -> bytes:
-        """The attachment's bytes, at most ``max_bytes`` of them whatever Discord declared."""
-        name, max_bytes = attachment.filename, self.limits.max_bytes
-        if attachment.size is not None and attachment.size > max_bytes:
-            raise ImageProblem(too_many_bytes(name, max_bytes, attachment.size))
+    async def fetch(self, source: AttachmentLike) -> CollectedImages:
+        """One source downloaded within the limits and decoded (or rendered) off the event loop:
+        one picture for an image, the first pages for a PDF (with a notice if some are left out)."""
+        data, kind = await self.download(source)
+        name = source.filename
+        async with self._decodes:
+            if kind == "image":
+                image = await asyncio.to_thread(
+                    decode_image,
+                    data,
+                    name,
+                    max_pixels=self.limits.max_pixels,
+                    max_crops=self.limits.max_crops,
+                )
+                return CollectedImages([Picture(image, name)])
+            try:
+                rendered = await asyncio.to_thread(
+                    render_pdf,
+                    data,
+                    name,
+                    max_pages=self.limits.max_pdf_pages,
+                    max_pixels=self.limits.max_pixels,
+                    max_long_side=TILE * self.limits.max_crops,
+                    max_short_side=TILE * math.isqrt(self.limits.max_crops),
+                )
+            except PdfProblem as problem:
+                raise ImageProblem(str(problem)) from problem
+        pictures = [Picture(page, name, number) for number, page in enumerate(rendered.pages, 1)]
+        notices = []
+        if rendered.total_pages > len(pictures):
+            notices.append(pages_left_out(name, len(pictures), rendered.total_pages))
+        return CollectedImages(pictures, notices)
+
+    def _byte_limit(self, kind: str | None) -> int:
+        if kind == "image":
+            return self.limits.max_bytes
+        if kind == "pdf":
+            return self.limits.max_pdf_bytes
+        return max(self.limits.max_bytes, self.limits.max_pdf_bytes)
+
+    async def download(self, source: AttachmentLike) -> tuple[bytes, str]:
+        """The source's bytes and what they are (``image`` or ``pdf``), within the byte limit
+        of that kind whatever was declared; :class:`NotMedia` after the first bytes otherwise."""
+        name, declared = source.filename, declared_kind(source)
+        if declared is not None and source.size is not None and source.size > self._byte_limit(declared):
+            raise ImageProblem(too_many_bytes(name, self._byte_limit(declared), source.size, declared))
+        only_discord = getattr(source, "discord_hosts_only", False)
+        if only_discord and self.hosts is not None and not self.hosts.allows(source.url):
+            log.warning("not downloading %s: %s is not one of Discord's media hosts", name, source.url)
+            raise ImageProblem(not_on_discord(name))
         timeout = aiohttp.ClientTimeout(total=self.limits.download_timeout_seconds)
         try:
-            async with self._http().get(attachment.url, timeout=timeout) as response:
+            async with self._http().get(source.url, timeout=timeout) as response:
                 if response.status != 200:
                     log.warning("download of %s failed: HTTP %d", name, response.status)
-                    raise ImageProblem(
-                        f"I could not download `{name}` (HTTP {response.status}). Try sending it again."
-                    )
-                if response.content_length is not None and response.content_length > max_bytes:
-                    raise ImageProblem(too_many_bytes(name, max_bytes, response.content_length))
+                    raise ImageProblem(download_failed(name, response.status))
+                limit = self._byte_limit(declared)
+                if response.content_length is not None and response.content_length > limit:
+                    size = response.content_length
+                    raise ImageProblem(too_many_bytes(name, limit, size, declared or "image"))
                 body = bytearray()
+                kind: str | None = None
                 async for chunk in response.content.iter_chunked(_CHUNK):
                     body += chunk
-                    if len(body) > max_bytes:
-                        log.warning(
-                            "download of %s passed %d bytes (declared %s)", name, max_bytes, attachment.size
-                        )
-                        raise ImageProblem(too_many_bytes(name, max_bytes))
-                return bytes(body)
+                    if kind is None and len(body) >= _SNIFF_BYTES:
+                        kind = self._kind_of(body, name, declared)
+                        limit = self._byte_limit(kind)
+                    if len(body) > limit:
+                        log.warning("download of %s passed %d bytes (declared %s)", name, limit, source.size)
+                        raise ImageProblem(too_many_bytes(name, limit, kind=kind or declared or "image"))
+                if kind is None:
+                    kind = self._kind_of(body, name, declared)
+                    if len(body) > self._byte_limit(kind):
+                        raise ImageProblem(too_many_bytes(name, self._byte_limit(kind), len(body), kind))
+                return bytes(body), kind
         except (asyncio.TimeoutError, TimeoutError) as error:
             log.warning("download of %s timed out", name)
-            raise ImageProblem(
-                f"Downloading `{name}` took too long (over {self.limits.download_timeout_seconds:g} s). "
-                "Try again in a moment."
-            ) from error
+            raise ImageProblem(download_too_slow(name, self.limits.download_timeout_seconds)) from error
         except (aiohttp.ClientError, ValueError) as error:
             log.warning("download of %s failed: %r", name, error)
-            raise ImageProblem(f"I could not download `{name}`. Try sending it again.") from error
+            raise ImageProblem(download_failed(name)) from error
+
+    @staticmethod
+    def _kind_of(data: bytearray, name: str, declared: str | None) -> str:
+        kind = sniff_kind(bytes(data[:_SNIFF_BYTES]))
+        if kind is None:
+            log.info("%s is neither an image nor a PDF (declared %s)", name, declared)
+            raise NotMedia(not_an_image(name))
+        return kind

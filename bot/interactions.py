@@ -10,9 +10,9 @@ from typing import Any
 import discord
 
 from .discord_calls import DISCORD_FAILURES, describe, with_retries
-from .history import NOTICE_PREFIX
 from .questions import Question
 from .replies import EditableMessage
+from .texts import ack_failed
 
 log = logging.getLogger(__name__)
 
@@ -48,10 +48,7 @@ class InteractionRoute:
                 describe(error),
             )
             self._in_channel = True
-            await self.tell(
-                f"{NOTICE_PREFIX} Discord did not take {self.interaction.user.mention}'s /{self.name} in "
-                "time, so I'm answering here."
-            )
+            await self.tell(ack_failed(self.interaction.user.mention, self.name))
 
     async def send(self, content: str, *, view: Any = None) -> EditableMessage:
         """One message of the answer (see `SendMessage`)."""
@@ -74,6 +71,22 @@ class InteractionRoute:
         if not isinstance(channel, discord.abc.Messageable):
             raise RuntimeError("the interaction expired and its channel cannot be written to")
         return await channel.send(content, view=view)  # type: ignore[arg-type]
+
+    async def tell_privately(self, text: str) -> None:
+        """A notice only the asker sees, after "thinking…" was shown: that goes first (the
+        first follow-up after a deferral takes the deferral's visibility, public here)."""
+        if self._in_channel or not self.interaction.response.is_done():
+            await self.tell(text, ephemeral=True)
+            return
+        label = self.question.label
+        try:
+            await with_retries(self.interaction.delete_original_response, f"{label}: thinking")
+            await with_retries(
+                lambda: self.interaction.followup.send(text, ephemeral=True), f"{label}: a notice"
+            )
+        except DISCORD_FAILURES as error:
+            log.warning("%s: could not tell the asker privately (%s)", self.question.label, describe(error))
+            await self.tell(text)
 
     async def tell(self, text: str, *, ephemeral: bool = False) -> None:
         """A notice for the asker: the interaction's response while none was given, else a

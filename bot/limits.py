@@ -12,6 +12,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 
 from .settings import BotSettings
+from .texts import already_waiting, busy, slow_down
 
 
 class Refused(Exception):
@@ -37,17 +38,12 @@ class RequestGate:
         now = time.monotonic()
         pending = self._per_user[user_id]
         if pending >= self._max_per_user:
-            waiting = "a question" if pending == 1 else f"{pending} questions"
-            raise Refused(
-                f"You already have {waiting} waiting. Please wait for an answer before asking more."
-            )
+            raise Refused(already_waiting(pending))
         if self._cooldown and now - self._last_request.get(user_id, -math.inf) < self._cooldown:
             wait = math.ceil(self._cooldown - (now - self._last_request[user_id]))
-            raise Refused(f"Slow down a little: you can ask again in {wait} s.")
+            raise Refused(slow_down(wait))
         if self._in_flight >= self._max_queue:
-            raise Refused(
-                f"I'm busy right now ({self._in_flight} questions in line). Please try again in a minute."
-            )
+            raise Refused(busy(self._in_flight))
         self._in_flight += 1
         self._per_user[user_id] += 1
         self._last_request[user_id] = now

@@ -21,6 +21,8 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Literal
 
+from .texts import QUESTION_DELETED
+
 log = logging.getLogger(__name__)
 
 MessageKind = Literal["answer", "notice", "status", "writing"]
@@ -108,7 +110,7 @@ class Questions:
             if question.message_id == message_id:
                 question.stop(
                     f"its message {message_id} was deleted",
-                    "Your question was deleted, so I stopped answering it.",
+                    QUESTION_DELETED,
                 )
 
     def channel_deleted(self, channel_id: int) -> None:

@@ -18,9 +18,9 @@ from typing import Any, Protocol
 import discord
 
 from .discord_calls import DISCORD_FAILURES, channel_gone, describe, with_retries
-from .history import NOTICE_PREFIX
 from .questions import MessageKind
 from .splitting import split_message
+from .texts import end_missing
 
 log = logging.getLogger(__name__)
 
@@ -129,10 +129,7 @@ class StreamingReply:
             shown = sum(len(c) for c, s in zip(chunks, self._shown, strict=False) if c == s)
             missing = max(0, len(self.text) - shown)
             log.warning("%s: the end of the answer could not be shown (%s)", self._label, describe(error))
-            await self._send_notice(
-                f"{NOTICE_PREFIX} Discord kept failing, so the end of this answer could not be shown "
-                f"(about {missing} characters are missing). Please ask again."
-            )
+            await self._send_notice(end_missing(missing))
             return
         if self.text.strip():
             for message in self._messages:

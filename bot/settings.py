@@ -81,6 +81,9 @@ class BotSettings:
     max_image_pixels: int = 40_000_000
     max_images: int = 4
     image_download_timeout_seconds: float = 30.0
+    # PDFs (bot/pdf.py): pages read per PDF (each one image), bytes per PDF.
+    max_pdf_pages: int = 4
+    max_pdf_bytes: int = 20 * 1024 * 1024
     # Operating it (bot/storage.py, bot/quotas.py, bot/ops_server.py).
     data_dir: Path = DEFAULT_DATA_DIR
     daily_questions_per_user: int = 0
@@ -122,6 +125,8 @@ class BotSettings:
             image_download_timeout_seconds=env_float(
                 env, "IMAGE_DOWNLOAD_TIMEOUT_SECONDS", 30.0, minimum=0.1
             ),
+            max_pdf_pages=env_int(env, "MAX_PDF_PAGES", 4, minimum=1) or 4,
+            max_pdf_bytes=env_int(env, "MAX_PDF_BYTES", 20 * 1024 * 1024, minimum=1) or 20 * 1024 * 1024,
             data_dir=Path(env_str(env, "DATA_DIR", None) or DEFAULT_DATA_DIR).expanduser(),
             daily_questions_per_user=env_int(env, "DAILY_QUESTIONS_PER_USER", 0, minimum=0) or 0,
             metrics_port=env_int(env, "METRICS_PORT", None, minimum=1),

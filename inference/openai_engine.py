@@ -147,7 +147,8 @@ class OpenAIEngine:
             # Encoding images and serialising megabytes of base64 would stall the event loop.
             body = await asyncio.to_thread(self._request_body, request, conversation)
             try:
-                response, pieces, first = await self._open_stream(session, body)
+                finish_reasons: list[str] = []
+                response, pieces, first = await self._open_stream(session, body, finish_reasons)
                 break
             except PromptTooLong:
                 # As the local engine does: leave out the oldest exchanges of a long thread
@@ -159,11 +160,12 @@ class OpenAIEngine:
         if dropped:
             log.info("left out the %d oldest exchange(s) to fit what the model server takes", dropped)
         try:
-            if first is None:
-                return
-            yield first
-            async for piece in pieces:
-                yield piece
+            if first is not None:
+                yield first
+                async for piece in pieces:
+                    yield piece
+            if request.on_end is not None:
+                request.on_end("length" if "length" in finish_reasons else "stop")
         except EngineError:
             raise
         except Exception as error:
@@ -194,13 +196,13 @@ class OpenAIEngine:
         return json.dumps(body).encode()
 
     async def _open_stream(
-        self, session: aiohttp.ClientSession, body: bytes
+        self, session: aiohttp.ClientSession, body: bytes, finish_reasons: list[str]
     ) -> tuple[aiohttp.ClientResponse, AsyncGenerator[str, None], str | None]:
         """Posts the request and reads up to the first piece of text, retrying what is worth it.
 
         Until the first piece arrives nothing has been shown, so a failure can still be
         retried; the caller gets the open response, the rest of its pieces and the first one
-        (None for an empty answer).
+        (None for an empty answer). Each choice's `finish_reason` lands in `finish_reasons`.
         """
         url = f"{self._base_url}/chat/completions"
         attempt = 0
@@ -211,7 +213,7 @@ class OpenAIEngine:
                 response = await session.post(url, data=body, headers={"Content-Type": "application/json"})
                 if response.status != 200:
                     raise await _http_failure(response)
-                pieces = _text_pieces(response)
+                pieces = _text_pieces(response, finish_reasons)
                 first = await anext(pieces, None)
                 return response, pieces, first
             except BaseException as error:
@@ -467,8 +469,11 @@ async def _http_failure(response: aiohttp.ClientResponse) -> _HTTPFailure:
     )
 
 
-async def _text_pieces(response: aiohttp.ClientResponse) -> AsyncGenerator[str, None]:
-    """The non-empty `choices[0].delta.content` pieces of a server-sent-event stream.
+async def _text_pieces(
+    response: aiohttp.ClientResponse, finish_reasons: list[str]
+) -> AsyncGenerator[str, None]:
+    """The non-empty `choices[0].delta.content` pieces of a server-sent-event stream; each
+    `finish_reason` the server gives ("stop", "length") is appended to `finish_reasons`.
 
     Raises `GenerationError` for an `error` event (vLLM reports failures mid-stream that way)
     and `_StreamEnded` when the stream stops without `[DONE]`. A server that ignored
@@ -479,6 +484,7 @@ async def _text_pieces(response: aiohttp.ClientResponse) -> AsyncGenerator[str, 
         if isinstance(payload, dict) and ("error" in payload or payload.get("object") == "error"):
             raise GenerationError(f"the model server failed: {error_message(payload, 'unknown error')}")
         text = _message_text(payload)
+        _note_finish(payload, finish_reasons)
         if text:
             yield text
         return
@@ -497,7 +503,7 @@ async def _text_pieces(response: aiohttp.ClientResponse) -> AsyncGenerator[str, 
         data, data_lines = "\n".join(data_lines), []
         if data.strip() == "[DONE]":
             return
-        piece = _event_text(data)
+        piece = _event_text(data, finish_reasons)
         if piece:
             yield piece
     if data_lines and "\n".join(data_lines).strip() == "[DONE]":
@@ -505,7 +511,16 @@ async def _text_pieces(response: aiohttp.ClientResponse) -> AsyncGenerator[str, 
     raise _StreamEnded("the stream ended without [DONE]")
 
 
-def _event_text(data: str) -> str | None:
+def _note_finish(event: Any, finish_reasons: list[str]) -> None:
+    try:
+        reason = event["choices"][0].get("finish_reason")
+    except (KeyError, IndexError, TypeError, AttributeError):
+        return
+    if isinstance(reason, str):
+        finish_reasons.append(reason)
+
+
+def _event_text(data: str, finish_reasons: list[str]) -> str | None:
     try:
         event = json.loads(data)
     except ValueError:
@@ -518,6 +533,7 @@ def _event_text(data: str) -> str | None:
     choices = event.get("choices")
     if not isinstance(choices, Sequence) or not choices or not isinstance(choices[0], dict):
         return None  # e.g. a usage-only event
+    _note_finish(event, finish_reasons)
     delta = choices[0].get("delta")
     content = delta.get("content") if isinstance(delta, dict) else None
     return content if isinstance(content, str) and content else None

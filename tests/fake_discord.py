@@ -49,6 +49,7 @@ __all__ = [
     "AttachmentSpec",
     "FakeDiscord",
     "FakeDiscordTimeout",
+    "HttpRequest",
     "InteractionRecord",
     "MessageEdit",
     "MessageWrite",
@@ -122,6 +123,14 @@ CB_UPDATE_MESSAGE = 7
 
 # Interaction types.
 INTERACTION_MESSAGE_COMPONENT = 3
+INTERACTION_MODAL_SUBMIT = 5
+
+# Application command types, the modal callback, text inputs and sticker formats.
+COMMAND_MESSAGE = 3
+CB_MODAL = 9
+COMPONENT_TEXT_INPUT = 4
+COMPONENT_LABEL = 18
+STICKER_EXTENSIONS = {1: "png", 2: "png", 3: "json", 4: "gif"}  # PNG, APNG, LOTTIE, GIF
 
 # Message component types and button styles (legacy components: action rows of buttons and selects).
 COMPONENT_ACTION_ROW = 1
@@ -264,6 +273,16 @@ _RECORD: Any = web.RequestKey("record", RecordedRequest) if hasattr(web, "Reques
 
 
 @dataclasses.dataclass
+class HttpRequest:
+    """Any HTTP request the fake received, on either port (API, CDN, media, "another host")."""
+
+    method: str
+    host: str  # "127.0.0.1:PORT"
+    path: str
+    at: float
+
+
+@dataclasses.dataclass
 class MessageWrite:
     """A message the bot created or edited, by any route, with the mentions it allowed.
 
@@ -326,6 +345,7 @@ class InteractionRecord:
     loading: bool = False
     custom_id: str | None = None
     component_message_id: int | None = None
+    modal: JSON | None = None  # the modal a callback of type 9 showed (its data)
 
     @property
     def responded(self) -> bool:
@@ -547,6 +567,9 @@ class FakeDiscord:
         self._edits: dict[int, list[MessageEdit]] = {}
         self._cdn_files: dict[int, tuple[bytes, str, str]] = {}  # attachment id -> data, type, filename
         self._cdn_overrides: dict[str, tuple[int, bytes | None, float]] = {}  # set_cdn_response
+        self._media_files: dict[str, tuple[bytes, str]] = {}  # media host path -> data, type
+        self.http_requests: collections.deque[HttpRequest] = collections.deque(maxlen=request_log_size)
+        self._other_port: int | None = None
         self._interactions_by_token: dict[str, InteractionRecord] = {}
 
         self.bot_user = self._new_user("SeeBot", bot=True)
@@ -608,6 +631,11 @@ class FakeDiscord:
         sock.bind(("127.0.0.1", 0))
         self._port = sock.getsockname()[1]
         await web.SockSite(self._runner, sock).start()
+        other = socket.socket(socket.AF_INET, socket.SOCK_STREAM)  # "a host a user chose"
+        other.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        other.bind(("127.0.0.1", 0))
+        self._other_port = other.getsockname()[1]
+        await web.SockSite(self._runner, other).start()
         log.info("fake Discord listening on %s", self.base_url)
 
     async def close(self) -> None:
@@ -1294,14 +1322,17 @@ class FakeDiscord:
         mention_bot: bool = False,
         reply_to: int | None = None,
         ping_reply: bool = True,
+        embeds: Sequence[JSON] = (),
+        stickers: Sequence[JSON] = (),
     ) -> JSON:
         """A user posts a message; it is stored and dispatched as MESSAGE_CREATE.
 
         ``mention_bot`` puts ``<@BOT_ID>`` at the start of the content (any ``<@id>`` in
         the content becomes a mention). ``reply_to`` makes it a reply to that message;
         like Discord's client, the reply pings (mentions) the replied-to author unless
-        ``ping_reply=False``, so a reply to the bot mentions the bot.
-        Returns the message as Discord would send it.
+        ``ping_reply=False``, so a reply to the bot mentions the bot. ``embeds`` are embed
+        objects (see :meth:`image_embed`; an unfurl comes later: :meth:`unfurl`); ``stickers``
+        sticker items (:meth:`add_sticker`). Returns the message as Discord would send it.
         """
         user = self._resolve_user(author)
         self._check_can_post(user, channel_id)
@@ -1312,6 +1343,9 @@ class FakeDiscord:
             content = f"{bot_mention} {content}" if content else bot_mention
         message = self._new_message(channel_id, user, content)
         message["attachments"] = [self._attachment(channel_id, fn, data, ct) for fn, data, ct in attachments]
+        message["embeds"] = copy.deepcopy(list(embeds))
+        if stickers:
+            message["sticker_items"] = copy.deepcopy(list(stickers))
         if reply_to is not None:
             self._set_reply(message, reply_to, ping=ping_reply)
         self._store_message(message)
@@ -2011,6 +2045,7 @@ class FakeDiscord:
     async def _middleware(
         self, request: web.Request, handler: Callable[[web.Request], Any]
     ) -> web.StreamResponse:
+        self.http_requests.append(HttpRequest(request.method, request.host, request.path, time.monotonic()))
         if not request.path.startswith(API_PREFIX + "/"):
             return await handler(request)
         path = request.path[len(API_PREFIX) :]
@@ -2136,6 +2171,8 @@ class FakeDiscord:
         r.add_get("/gateway", self._gateway)
         r.add_get("/gateway/", self._gateway)
         r.add_get("/attachments/{channel_id}/{attachment_id}/{filename}", self._cdn)
+        for media_path in ("/external/{tail:.*}", "/stickers/{tail:.*}", "/elsewhere/{tail:.*}"):
+            r.add_get(media_path, self._media)
         r.add_get(p + "/gateway", self._get_gateway)
         r.add_get(p + "/gateway/bot", self._get_gateway_bot)
         r.add_get(p + "/users/@me", self._get_me)
@@ -2518,7 +2555,7 @@ class FakeDiscord:
                 "id": str(record.id),
                 "type": 2,
                 "name": record.command_name,
-                "command_type": 1,
+                "command_type": record.payload.get("data", {}).get("type", 1),
                 "user": user,
                 "authorizing_integration_owners": record.payload.get("authorizing_integration_owners", {}),
             },
@@ -2579,7 +2616,12 @@ class FakeDiscord:
                 target, data, self._files(request), kind="interaction_update"
             )
             ephemeral = target.get("flags", 0) & FLAG_EPHEMERAL
-        elif callback_type not in (CB_PONG, CB_DEFERRED_UPDATE_MESSAGE, 8, 9, 12):
+        elif callback_type == CB_MODAL:
+            if record.payload["type"] == INTERACTION_MODAL_SUBMIT:
+                raise ApiError(400, 40060, "Interaction has already been acknowledged.")
+            _check_modal(data)
+            record.modal = copy.deepcopy(data)
+        elif callback_type not in (CB_PONG, CB_DEFERRED_UPDATE_MESSAGE, 8, 12):
             raise _form_error(
                 "type", "BASE_TYPE_CHOICES", f"Unknown interaction callback type {callback_type!r}."
             )
@@ -2670,7 +2712,10 @@ class FakeDiscord:
 
     async def _delete_webhook_message(self, request: web.Request) -> web.Response:
         record = self._interaction_for_webhook(request)
-        await self._delete(self._webhook_message(request, record))
+        message = self._webhook_message(request, record)
+        await self._delete(message)
+        if int(message["id"]) == record.original_message_id:
+            record.loading = False  # the next follow-up is a message of its own (and may be ephemeral)
         return web.Response(status=204)
 
     # ------------------------------------------------------------------ CDN
@@ -2692,6 +2737,195 @@ class FakeDiscord:
             data = data if body is None else body
         return web.Response(body=data, content_type=content_type.split(";")[0])
 
+    # ------------------------------------------------------------------ media, message commands, modals
+
+    @property
+    def other_host_url(self) -> str:
+        """A second origin the fake listens on: a host a user chose (not Discord's)."""
+        if self._other_port is None:
+            raise RuntimeError("FakeDiscord is not started")
+        return f"http://127.0.0.1:{self._other_port}"
+
+    def requests_for(self, path_prefix: str, *, host: str | None = None) -> list[HttpRequest]:
+        """Every request (any port, unless ``host``) whose path starts with ``path_prefix``."""
+        return [
+            r
+            for r in self.http_requests
+            if r.path.startswith(path_prefix) and (host is None or r.host == host)
+        ]
+
+    def _serve(self, url: str, data: bytes, content_type: str) -> str:
+        parsed = re.match(r"http://(127\.0\.0\.1:\d+)(/.*)", url)
+        if parsed is None:
+            raise ValueError(f"the fake serves only its own origins, not {url}")
+        self._media_files[parsed.group(1) + parsed.group(2)] = (data, content_type)
+        return url
+
+    def elsewhere(self, name: str, data: bytes, content_type: str = "image/png") -> str:
+        """Serve ``data`` on :attr:`other_host_url` (every request for it is recorded)."""
+        return self._serve(f"{self.other_host_url}/elsewhere/{quote(name)}", data, content_type)
+
+    @staticmethod
+    def image_embed(
+        url: str, proxy_url: str | None, data: bytes | None = None, *, field: str = "thumbnail",
+        content_type: str = "image/png",
+    ) -> JSON:
+        """An embed as Discord makes it: a pasted image link unfurls into ``type: image`` with a
+        ``thumbnail`` (``field="image"``: a rich embed's large image) whose ``proxy_url`` is
+        Discord's media proxy."""
+        media: JSON = {"url": url, "flags": 0}
+        if proxy_url is not None:
+            media["proxy_url"] = proxy_url
+        size = _image_size(data) if data is not None else None
+        if size is not None:
+            media["width"], media["height"] = size
+            media["content_type"] = content_type
+        embed: JSON = {"type": "image" if field == "thumbnail" else "rich", "url": url, field: media}
+        return embed
+
+    def proxied_image(self, url: str, data: bytes, content_type: str = "image/png", **kw: Any) -> JSON:
+        """The embed Discord makes for a link to an image at ``url``, its bytes on the media proxy."""
+        scheme, _, rest = url.partition("://")
+        proxy = f"{self.base_url}/external/{secrets.token_urlsafe(8)}/{scheme}/{rest}"
+        self._serve(proxy, data, content_type)
+        return self.image_embed(url, proxy, data, content_type=content_type, **kw)
+
+    async def unfurl(self, message_id: int, embeds: Sequence[JSON]) -> JSON:
+        """Discord's unfurl of a message's links: its embeds set, then MESSAGE_UPDATE (a full
+        message object, without ``edited_timestamp`` changing)."""
+        message = self._messages[message_id]
+        message["embeds"] = copy.deepcopy(list(embeds))
+        await self._dispatch_message("MESSAGE_UPDATE", message)
+        self._changed()
+        return self._render(message)
+
+    def add_sticker(self, name: str, data: bytes, format_type: int = 1) -> JSON:
+        """A sticker (format 1 PNG, 2 APNG, 3 LOTTIE, 4 GIF) served where discord.py looks for it
+        (``/stickers/{id}.{ext}`` on the media host); returns the message's sticker item."""
+        sticker_id = self._snowflake()
+        extension = STICKER_EXTENSIONS[format_type]
+        content_type = {"png": "image/png", "gif": "image/gif"}.get(extension, "application/json")
+        self._serve(f"{self.base_url}/stickers/{sticker_id}.{extension}", data, content_type)
+        return {"id": str(sticker_id), "name": name, "format_type": format_type}
+
+    async def _media(self, request: web.Request) -> web.Response:
+        stored = self._media_files.get(request.host + request.path)
+        if stored is None:
+            return web.Response(status=404, text="Not Found")
+        data, content_type = stored
+        return web.Response(body=data, content_type=content_type)
+
+    async def invoke_message_command(
+        self, user: UserLike, channel_id: int, name: str, target_message_id: int, *, locale: str = "en-US"
+    ) -> InteractionRecord:
+        """A user picks a message command (Apps, on a message's context menu): INTERACTION_CREATE
+        of type 2 whose ``data`` has ``type`` 3, ``target_id`` and the message in ``resolved``."""
+        invoker = self._resolve_user(user)
+        self._check_can_post(invoker, channel_id)
+        in_guild = self._is_guild_channel(channel_id)
+        scopes: list[int | None] = [self.guild_id, None] if in_guild else [None]
+        command, scope = next(
+            (
+                (c, sc)
+                for sc in scopes
+                for c in self.commands.get(sc, [])
+                if c["name"] == name and c.get("type") == COMMAND_MESSAGE
+            ),
+            (None, None),
+        )
+        if command is None:
+            raise LookupError(f"the bot has not registered the message command {name!r}")
+        target = self._require_message(target_message_id, channel_id)
+        data: JSON = {
+            "id": command["id"],
+            "name": command["name"],
+            "type": COMMAND_MESSAGE,
+            "target_id": target["id"],
+            "resolved": {"messages": {target["id"]: self._render(target)}},
+        }
+        if scope is not None:
+            data["guild_id"] = str(scope)
+        return await self._new_interaction(invoker, channel_id, 2, data, name, locale)
+
+    async def submit_modal(
+        self, shown: InteractionRecord, values: Mapping[str, str], *, locale: str = "en-US"
+    ) -> InteractionRecord:
+        """The user fills in and submits the modal the bot showed for ``shown`` (callback type 9):
+        INTERACTION_CREATE of type 5 with the modal's ``custom_id`` and each text input's value
+        (by custom_id), in the component layout the bot sent. Raises ``ValueError`` for a value
+        Discord's client would not let through (length, required)."""
+        if shown.modal is None:
+            raise ValueError(f"interaction {shown.id} showed no modal")
+        rows: list[JSON] = []
+        for component in shown.modal["components"]:
+            inner = _modal_input(component)
+            value = values.get(inner["custom_id"], inner.get("value") or "")
+            if not int(inner.get("min_length", 0)) <= len(value) <= int(inner.get("max_length", 4000)):
+                raise ValueError(f"{inner['custom_id']}: {len(value)} characters is outside its limits")
+            if inner.get("required", True) and not value:
+                raise ValueError(f"{inner['custom_id']} is required")
+            submitted = {"type": COMPONENT_TEXT_INPUT, "custom_id": inner["custom_id"], "value": value}
+            if component["type"] == COMPONENT_ACTION_ROW:
+                rows.append({"type": COMPONENT_ACTION_ROW, "components": [submitted]})
+            else:
+                rows.append({"type": COMPONENT_LABEL, "component": submitted})
+        data = {"custom_id": shown.modal["custom_id"], "components": rows}
+        invoker = self._users[shown.user_id]
+        record = await self._new_interaction(
+            invoker, shown.channel_id, INTERACTION_MODAL_SUBMIT, data, shown.command_name, locale
+        )
+        return record
+
+    async def _new_interaction(
+        self, invoker: JSON, channel_id: int, kind: int, data: JSON, name: str, locale: str
+    ) -> InteractionRecord:
+        in_guild = self._is_guild_channel(channel_id)
+        interaction_id = self._snowflake()
+        token = "aW50ZXJhY3Rpb24" + secrets.token_urlsafe(48)
+        payload: JSON = {
+            "id": str(interaction_id),
+            "application_id": str(self.application_id),
+            "type": kind,
+            "data": data,
+            "channel_id": str(channel_id),
+            "channel": {**self._channel_payload(channel_id), "permissions": ALL_PERMISSIONS},
+            "token": token,
+            "version": 1,
+            "app_permissions": ALL_PERMISSIONS,
+            "locale": locale,
+            "entitlements": [],
+            "attachment_size_limit": UPLOAD_LIMIT,
+            "authorizing_integration_owners": {"0": str(self.guild_id)},
+        }
+        if in_guild:
+            payload.update(
+                guild_id=str(self.guild_id),
+                guild={"id": str(self.guild_id), "locale": "en-US", "features": []},
+                guild_locale="en-US",
+                member=self._member_payload(int(invoker["id"]), permissions=True),
+                context=0,
+            )
+        else:
+            payload.update(user=copy.deepcopy(invoker), context=1)
+        record = InteractionRecord(
+            id=interaction_id,
+            token=token,
+            channel_id=channel_id,
+            user_id=int(invoker["id"]),
+            command_name=name,
+            payload=payload,
+            created_at=time.monotonic(),
+        )
+        self.interactions[interaction_id] = record
+        self._interactions_by_token[token] = record
+        await self._dispatch_all("INTERACTION_CREATE", copy.deepcopy(payload))
+        self._changed()
+        return record
+
+    def attachment_data(self, attachment: Mapping[str, Any]) -> bytes:
+        """The bytes of an attachment (one the bot uploaded, too) as the CDN serves them."""
+        return self._cdn_files[int(attachment["id"])][0]
+
 
 def _guess_type(upload: UploadedFile) -> str:
     """discord.py uploads every file as application/octet-stream; Discord sniffs the type."""
@@ -2711,6 +2945,34 @@ def _guess_type(upload: UploadedFile) -> str:
     except UnicodeDecodeError:
         return "application/octet-stream"
     return "text/plain; charset=utf-8"
+
+
+def _modal_input(component: Any) -> Any:
+    """The text input of a modal's top-level component: in an action row (1) or a label (18)."""
+    if not isinstance(component, dict):
+        return None
+    if component.get("type") == COMPONENT_ACTION_ROW:
+        return (component.get("components") or [None])[0]
+    return component.get("component")
+
+
+def _check_modal(data: Any) -> None:
+    """Discord's checks on a modal: a custom_id, a title of 1-45 characters, 1-5 components,
+    each a text input (in an action row or a label) with a custom_id and a label."""
+    if not isinstance(data, dict) or not data.get("custom_id"):
+        raise _form_error("data.custom_id", "BASE_TYPE_REQUIRED", "This field is required")
+    if not 1 <= len(str(data.get("title") or "")) <= 45:
+        raise _form_error("data.title", "BASE_TYPE_BAD_LENGTH", "Must be between 1 and 45 in length.")
+    components = data.get("components")
+    if not isinstance(components, list) or not 1 <= len(components) <= 5:
+        raise _form_error("data.components", "BASE_TYPE_BAD_LENGTH", "Must be between 1 and 5 in length.")
+    for component in components:
+        inner = _modal_input(component)
+        text_input = isinstance(inner, dict) and inner.get("type") == COMPONENT_TEXT_INPUT
+        if not text_input or not inner.get("custom_id"):
+            raise _form_error("data.components", "UNION_TYPE_CHOICES", "Only text inputs are faked.")
+        if component.get("type") == 1 and not inner.get("label"):
+            raise _form_error("data.components", "BASE_TYPE_REQUIRED", "A text input needs a label.")
 
 
 def _walk_components(components: Iterable[Any]) -> Iterable[JSON]:

@@ -202,7 +202,10 @@ class FakeOpenAI:
         try:
             await response.write(b": keep-alive comment, ignored by clients\n\n")
             await _send(response, _chunk(model, {"role": "assistant", "content": ""}))
-            for index, piece in enumerate(self.chunks):
+            # A chunk is a token here: like a real server, stop at max_tokens and say so.
+            limit = body.get("max_tokens")
+            chunks = self.chunks[:limit] if isinstance(limit, int) and limit > 0 else self.chunks
+            for index, piece in enumerate(chunks):
                 if fault is not None and fault.after_chunks == index:
                     if fault.kind == "drop":
                         _hang_up(request)
@@ -213,7 +216,8 @@ class FakeOpenAI:
                 if self.chunk_delay:
                     await asyncio.sleep(self.chunk_delay)
                 await _send(response, _chunk(model, {"content": piece}))
-            await _send(response, _chunk(model, {}, finish_reason="stop"))
+            finish = "length" if len(chunks) < len(self.chunks) else "stop"
+            await _send(response, _chunk(model, {}, finish_reason=finish))
             await _send(response, {"id": "chatcmpl-fake", "object": "chat.completion.chunk", "choices": []})
             await response.write(b"data: [DONE]\n\n")
             await response.write_eof()

@@ -110,11 +110,17 @@ async def test_jpeg_webp_gif_and_bmp_are_read(fake: FakeDiscord, bot: RunningBot
     assert answers[-1]["content"] == "I see 4 images."
 
 
-async def test_a_png_name_on_a_pdf_is_refused(fake: FakeDiscord, bot: RunningBot) -> None:
+async def test_a_png_name_on_a_broken_pdf_is_read_as_a_pdf(fake: FakeDiscord, bot: RunningBot) -> None:
+    await refused_then_answered(  # the bytes decide, not the name
+        fake, [("report.png", PDF, "image/png")], "⚠️ I could not read `report.png` as a PDF."
+    )
+
+
+async def test_a_png_name_on_text_is_refused(fake: FakeDiscord, bot: RunningBot) -> None:
     await refused_then_answered(
         fake,
-        [("report.png", PDF, "image/png")],
-        "⚠️ `report.png` is not an image (PNG, JPEG, WebP, GIF or BMP).",
+        [("notes.png", b"just some notes", "image/png")],
+        "⚠️ `notes.png` is not an image (PNG, JPEG, WebP, GIF or BMP).",
     )
 
 
@@ -234,7 +240,7 @@ async def test_slash_command_with_a_non_image_is_refused(fake: FakeDiscord, bot:
         channel,
         "ask",
         {"question": "what do you see"},
-        {"image": png(bar_chart()), "image2": ("scan.png", PDF, "image/png")},
+        {"image": png(bar_chart()), "image2": ("scan.png", b"plain text", "image/png")},
     )
     reply = await fake.wait_for_bot_message(channel, lambda m: m["content"], timeout=30)
     assert reply["content"] == "⚠️ `scan.png` is not an image (PNG, JPEG, WebP, GIF or BMP)."
@@ -254,14 +260,13 @@ async def test_skipped_attachments_are_named_before_the_answer(fake: FakeDiscord
     attachments = [
         png(bar_chart(), "chart.png"),
         ("notes.txt", b"some notes", "text/plain"),
-        (*png(book_cover(), "photo.txt")[:2], "text/plain"),  # a PNG, but named and typed as text
+        (*png(book_cover(), "photo.txt")[:2], "text/plain"),  # a PNG named and typed as text: an image
         *(png(team_photo("red", n), f"team{n}.png") for n in range(1, 5)),
     ]
     answers = await dm_answer(fake, "count images", attachments, "images.")
     assert [m["content"] for m in answers] == [
         "⚠️ Skipped `notes.txt`: not an image.\n"
-        "⚠️ Skipped `photo.txt`: not an image.\n"
-        "⚠️ I look at 4 images at a time, so I left out `team4.png`.",
+        "⚠️ I look at 4 images at a time, so I left out `team3.png`, `team4.png`.",
         "I see 4 images.",
     ]
 

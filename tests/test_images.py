@@ -33,11 +33,10 @@ from bot.images import (
     ImageFetcher,
     ImageLimits,
     ImageProblem,
+    declared_kind,
     decode_image,
-    looks_like_image,
     model_size_cap,
     sniff_format,
-    sort_attachments,
 )
 from bot.settings import BotSettings
 from inference import SettingsError
@@ -106,31 +105,18 @@ def _restore_pillow_limit() -> Iterator[None]:
         ("photo", "image/webp; charset=binary", True),
         ("anim.gif", "application/octet-stream", True),
         ("scan.bmp", None, True),
-        ("notes.txt", "text/plain; charset=utf-8", False),
-        ("photo.txt", "text/plain", False),  # even when the bytes are a PNG: the name and type decide
-        ("report.pdf", "application/pdf", False),
-        ("archive.png.zip", "application/zip", False),
+        ("notes.txt", "text/plain; charset=utf-8", None),
+        ("photo.txt", "text/plain", None),  # declared text: its bytes are sniffed, and decide
+        ("report.pdf", "application/pdf", "pdf"),
+        ("scan", "application/pdf", "pdf"),
+        ("archive.png.zip", "application/zip", None),
     ],
 )
-def test_image_candidates_by_content_type_or_name(
-    filename: str, content_type: str | None, expected: bool
+def test_declared_kinds_by_content_type_or_name(
+    filename: str, content_type: str | None, expected: str | None
 ) -> None:
     attachment = Attachment(1, filename, "http://x/", 10, content_type)
-    assert looks_like_image(attachment) is expected
-
-
-def test_non_images_are_skipped_with_a_notice_or_refused_when_strict() -> None:
-    attachments = [
-        Attachment(1, "a.png", "u", 1, "image/png"),
-        Attachment(2, "notes.txt", "u", 1, "text/plain"),
-        Attachment(3, "b.jpg", "u", 1, None),
-    ]
-    candidates, notices = sort_attachments(attachments)
-    assert [a.filename for a in candidates] == ["a.png", "b.jpg"]
-    assert notices == ["Skipped `notes.txt`: not an image."]
-    with pytest.raises(ImageProblem) as refused:
-        sort_attachments(attachments, strict=True)
-    assert str(refused.value) == "`notes.txt` is not an image (PNG, JPEG, WebP, GIF or BMP)."
+    assert declared_kind(attachment) == ("image" if expected is True else expected)
 
 
 def test_sniffing_knows_the_supported_signatures() -> None:
@@ -347,6 +333,7 @@ async def cdn() -> AsyncIterator[Cdn]:
         if name.startswith("endless"):  # no Content-Length, never ends: only the cap stops it
             response = web.StreamResponse()
             await response.prepare(request)
+            await response.write(b"\x89PNG\r\n\x1a\n")  # an image, as far as its first bytes go
             chunk = b"\0" * 65536
             sent = 0
             try:
@@ -383,7 +370,36 @@ async def test_collect_downloads_and_decodes_in_order(cdn: Cdn) -> None:
     assert isinstance(collected, CollectedImages)
     assert [image.getpixel((32, 24))[0] > 200 for image in collected.images] == [True, False]  # type: ignore[index]
     assert collected.notices == ["Skipped `notes.txt`: not an image."]
-    assert sorted(cdn.hits) == ["one.png", "two.jpg"]  # the text file is never downloaded
+    assert sorted(cdn.hits) == ["notes.txt", "one.png", "two.jpg"]  # the bytes decide: all are read
+
+
+async def test_the_bytes_decide_whatever_the_name_and_type(cdn: Cdn) -> None:
+    attachments = [
+        cdn.attachment("upload.bin", encode(chart(), "PNG"), "application/octet-stream"),
+        cdn.attachment("photo.txt", encode(chart(), "JPEG"), "text/plain"),
+        cdn.attachment("notes.txt", b"just some notes " * 200, "text/plain"),
+    ]
+    async with ImageFetcher() as fetcher:
+        collected = await fetcher.collect(attachments)
+        assert [p.name for p in collected.pictures] == ["upload.bin", "photo.txt"]
+        assert collected.notices == ["Skipped `notes.txt`: not an image."]
+        with pytest.raises(ImageProblem) as refused:  # a slash command's option must be one
+            await fetcher.collect(attachments, strict=True)
+    assert str(refused.value) == "`notes.txt` is not an image (PNG, JPEG, WebP, GIF or BMP)."
+
+
+async def test_a_url_off_the_allowed_hosts_is_never_requested(cdn: Cdn) -> None:
+    from bot.media_urls import MediaHosts
+    from bot.sources import MediaSource
+
+    attachment = cdn.attachment("a.png", encode(chart(), "PNG"))
+    linked = MediaSource("e", "a.png", attachment.url, declared="image", discord_hosts_only=True)
+    async with ImageFetcher(hosts=MediaHosts("http://127.0.0.1:1/api/v10")) as fetcher:
+        with pytest.raises(ImageProblem, match="Discord's own servers"):
+            await fetcher.collect([linked])
+        assert cdn.hits == []
+        collected = await fetcher.collect([attachment])  # Discord's own attachment URL: fetched
+    assert len(collected.images) == 1 and cdn.hits == ["a.png"]
 
 
 async def test_more_images_than_the_limit_uses_the_first_ones_and_says_so(cdn: Cdn) -> None:
@@ -433,7 +449,7 @@ async def test_failed_and_slow_downloads_get_clear_problems(cdn: Cdn) -> None:
         assert str(refused.value) == "I could not download `x.png`. Try sending it again."
         # The fetcher still works after all that.
         ok = await fetcher.fetch(cdn.attachment("ok.png", encode(chart(), "PNG")))
-        assert ok.size == (64, 48)
+        assert ok.images[0].size == (64, 48)
 
 
 async def test_one_bad_image_refuses_the_request_at_once(cdn: Cdn) -> None:
@@ -447,7 +463,7 @@ async def test_one_bad_image_refuses_the_request_at_once(cdn: Cdn) -> None:
     async with ImageFetcher(ImageLimits(download_timeout_seconds=20)) as fetcher:
         with pytest.raises(ImageProblem) as refused:
             await fetcher.collect(attachments)
-    assert str(refused.value) == "`report.png` is not an image (PNG, JPEG, WebP, GIF or BMP)."
+    assert str(refused.value) == "I could not read `report.png` as a PDF."  # the bytes decide
     assert loop.time() - started < 5  # the slow download was given up, not waited for
 
 
@@ -509,6 +525,8 @@ def message(message_id: int, author_id: int, content: str, attachments: Sequence
         author=author,
         content=content,
         attachments=list(attachments),
+        embeds=[],
+        stickers=[],
         reference=None,
         type=discord.MessageType.default,
     )

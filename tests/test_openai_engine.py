@@ -99,6 +99,17 @@ async def test_answer_streams_in_pieces(engine: OpenAIEngine, fake: FakeOpenAI) 
     assert fake.completed == 1
 
 
+async def test_an_answer_cut_at_max_tokens_says_so_and_a_finished_one_does_not(
+    engine: OpenAIEngine, fake: FakeOpenAI
+) -> None:
+    ends: list[str] = []
+    cut = await collect(engine, ask("Say hello", max_new_tokens=3, on_end=ends.append))
+    assert cut == fake.chunks[:3]
+    whole = await collect(engine, ask("Say hello", on_end=ends.append))
+    assert "".join(whole) == DEFAULT_REPLY
+    assert ends == ["length", "stop"]
+
+
 async def test_messages_carry_every_image_in_order_with_the_assistant_turn_between(
     engine: OpenAIEngine, fake: FakeOpenAI
 ) -> None:
