@@ -91,7 +91,7 @@ async def running_bot(fake: FakeDiscord, env: dict[str, str]) -> AsyncIterator[P
             "-m",
             "tests.scripted_bot",
             cwd=workdir,
-            env=env,
+            env={"DATA_DIR": str(workdir / "data"), **env},  # not the user's own ~/.local/share/seebot
             stdin=subprocess.DEVNULL,
             stdout=log_file,
             stderr=subprocess.STDOUT,

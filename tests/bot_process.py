@@ -65,12 +65,17 @@ async def start_bot(
     *,
     wait_for_model: bool = True,
     script: Sequence[dict[str, Any]] = SCRIPT,
+    module: str = "tests.scripted_bot",
     **settings: str,
 ) -> RunningBot:
     """The bot with the tiny model replying as ``script`` says (tests/conftest.py's SCRIPT
     unless given), `settings` added to its environment; returns once it has connected and
     registered its slash commands and (``wait_for_model``) shows itself online, which it
-    does once the model is loaded and warmed up."""
+    does once the model is loaded and warmed up. ``module``: what `python -m` runs
+    (``tests.clocked_bot``: the scripted bot with a clock the test sets). Without
+    ``wait_for_model``, a bot that exits before it is seen connected (a model that fails at
+    once) is returned too, for the test to check its exit code; with it, that is an error
+    that quotes the log."""
     log_path = workdir / "bot.log"
     script_path = workdir / "script.json"
     script_path.write_text(json.dumps(list(script)))
@@ -78,19 +83,36 @@ async def start_bot(
         process = await asyncio.create_subprocess_exec(
             sys.executable,
             "-m",
-            "tests.scripted_bot",
+            module,
             cwd=workdir,
-            env={**bot_env(fake, model_dir), SCRIPT_ENV: str(script_path), **settings},
+            env={
+                **bot_env(fake, model_dir),
+                "DATA_DIR": str(workdir / "seebot-data"),
+                SCRIPT_ENV: str(script_path),
+                **settings,
+            },
             stdin=subprocess.DEVNULL,
             stdout=log_file,
             stderr=subprocess.STDOUT,
         )
-    await fake.wait_until_ready(timeout=60, commands=["ask", "ocr", "compare"])
+    bot = RunningBot(process, log_path, fake.token)
+    connected = asyncio.ensure_future(fake.wait_until_ready(timeout=60, commands=["ask", "ocr", "compare"]))
+    exited = asyncio.ensure_future(process.wait())
+    await asyncio.wait({connected, exited}, return_when=asyncio.FIRST_COMPLETED)
+    if not connected.done():
+        connected.cancel()
+        if wait_for_model:
+            raise AssertionError(
+                f"the bot exited ({process.returncode}) before connecting:\n{bot.log[-3000:]}"
+            )
+        return bot
+    exited.cancel()
+    connected.result()
     if wait_for_model:
         await fake.wait_for(
             lambda: fake.bot_presence.get("status") == "online", 60, description="the model to be ready"
         )
-    return RunningBot(process, log_path, fake.token)
+    return bot
 
 
 async def stop(bot: RunningBot) -> None:
