@@ -257,6 +257,10 @@ def render(results: dict[str, Any]) -> str:
         parts.append(throughput_table(results["throughput"]))
     if "fast_path" in results:
         parts.append(fast_path_tables(results["fast_path"]))
+    if "quant" in results:
+        from .quant import quant_tables
+
+        parts.append(quant_tables(results["quant"]))
     parts.append("### Targets\n\n" + "\n".join(target_lines(results)))
     return "\n\n".join(parts) + "\n"
 

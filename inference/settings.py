@@ -15,6 +15,7 @@ DEFAULT_OPENAI_BASE_URL = "http://localhost:8000/v1"
 ENGINES = ("local", "openai")
 DTYPES = ("auto", "bfloat16", "float16", "float32")
 SWITCHES = ("auto", "on", "off")
+QUANTIZE_CHOICES = ("none", "8bit", "4bit")
 
 
 class SettingsError(ValueError):
@@ -92,6 +93,9 @@ class InferenceSettings:
     trust_remote_code: bool = False
     device: str = "auto"
     dtype: str = "auto"
+    # QUANTIZE: the language model's linear layers in bitsandbytes int8 ("8bit") or nf4
+    # ("4bit"); the vision tower, projection, embeddings and lm_head stay in DTYPE.
+    quantize: str = "none"
     # None follows the model cards' advice: 16 crops for one image, 4 when there are several.
     num_crops: int | None = None
     max_new_tokens: int = 1000
@@ -135,6 +139,7 @@ class InferenceSettings:
             trust_remote_code=env_bool(env, "TRUST_REMOTE_CODE", False),
             device=check_device(env_str(env, "DEVICE", "auto") or "auto"),
             dtype=env_choice(env, "DTYPE", "auto", DTYPES),
+            quantize=env_choice(env, "QUANTIZE", "none", QUANTIZE_CHOICES),
             num_crops=env_int(env, "NUM_CROPS", None, minimum=1),
             max_new_tokens=env_int(env, "MAX_NEW_TOKENS", 1000, minimum=1) or 1000,
             temperature=env_float(env, "TEMPERATURE", 0.0),
