@@ -21,7 +21,9 @@ from inference.local_engine import LocalEngine, compile_wanted
 from inference.memory import weight_bytes
 from inference.prompt_inputs import default_num_crops
 from inference.settings import SettingsError
+from tests.bot_process import new_channel, png, start_bot, stop
 from tests.conftest import SCRIPT
+from tests.fake_discord import FakeDiscord
 from tests.scripted import ScriptedReplies
 from tests.synthetic_images import save_all
 from tests.test_cli import ROOT, noise, run_cli
@@ -130,6 +132,34 @@ async def test_the_engine_streams_and_stops_with_quantized_weights(mode: str, ti
         assert engine.decoding == "eager"
     finally:
         await engine.close()
+
+
+async def test_the_bot_answers_with_4bit_weights_and_the_answer_ends_on_its_own(
+    tiny_model_dir: Path, tmp_path: Path
+) -> None:
+    async with FakeDiscord(heartbeat_interval_ms=1000) as fake:
+        bot = await start_bot(fake, tiny_model_dir, tmp_path, QUANTIZE="4bit", MAX_NEW_TOKENS="64")
+        try:
+            question = await fake.send_message(
+                fake.alice,
+                await new_channel(fake, "quantized"),
+                "Say hello",
+                attachments=[png(Image.new("RGB", (64, 48), "red"))],
+                mention_bot=True,
+            )
+            # The answer is finished when its Cancel button is taken off.
+            answer = await fake.wait_for(
+                lambda: next(
+                    (m for m in fake.bot_messages_in(int(question["id"])) if m["components"] == []), None
+                ),
+                timeout=30,
+                description="a finished answer",
+            )
+            assert answer["content"] == "Hello there, my friend! How are you today?"
+            assert "nf4 weights" in bot.log
+            assert "bitsandbytes" not in bot.log and "MatMul8bitLt" not in bot.log
+        finally:
+            await stop(bot)
 
 
 def test_without_bitsandbytes_the_start_is_one_clear_line(tiny_model_dir: Path, tmp_path: Path) -> None:
