@@ -169,22 +169,21 @@ def real_weight_bytes() -> dict[str, int]:
 
 def memory_table(max_new_tokens: int = 1000) -> dict[str, Any]:
     """GPU memory per QUANTIZE setting: weights, and weights + KV cache + overhead for N
-    concurrent one-image questions (each a slot of prompt + MAX_NEW_TOKENS, whole buckets)."""
+    concurrent one-image questions (each a slot of prompt + MAX_NEW_TOKENS, whole buckets; the
+    cache holds nothing else)."""
     weights = real_weight_bytes()
     per_token = 32 * 2 * 32 * 96 * 2  # layers x (K, V) x kv heads x head dim x bf16
     slot_tokens = -(-(ONE_IMAGE_PROMPT_TOKENS + max_new_tokens) // SLOT_BUCKET) * SLOT_BUCKET
     rows = []
+    slot = slot_tokens * per_token
+
+    def need(mode: str, questions: int) -> int:
+        return weights[mode] + questions * slot + OVERHEAD_BYTES
+
     for mode in MODES:
-        needs = {str(n): weights[mode] + n * slot_tokens * per_token + OVERHEAD_BYTES for n in CONCURRENT}
+        needs = {str(n): need(mode, n) for n in CONCURRENT}
         fits = {
-            str(gib): max(
-                (
-                    n
-                    for n in range(1, 65)
-                    if weights[mode] + n * slot_tokens * per_token + OVERHEAD_BYTES <= gib * 2**30 * 0.90
-                ),
-                default=0,
-            )
+            str(gib): max((n for n in range(1, 65) if need(mode, n) <= gib * 2**30 * 0.90), default=0)
             for gib in GPU_SIZES_GIB
         }
         rows.append(
@@ -265,7 +264,8 @@ def quant_tables(result: dict[str, Any]) -> str:
             f"{memory['quantized_parameters'] / 1e9:.2f}e9 in the quantized linear layers; "
             f"{memory['kv_bytes_per_token'] // 1024} KiB KV/token; one-image question = "
             f"{memory['prompt_tokens']:,} prompt + {memory['max_new_tokens']} answer tokens = a "
-            f"{memory['slot_tokens']:,}-token slot; + {memory['overhead_bytes'] / 2**30:.0f} GiB overhead)",
+            f"{memory['slot_tokens']:,}-token slot; + "
+            f"{memory['overhead_bytes'] / 2**30:.0f} GiB overhead)",
             table(gpu_header, gpu_rows),
             f"Concurrent one-image questions that fit in {memory['gpu_memory_fraction']:.0%} of a GPU:",
             table(fit_header, fit_rows),

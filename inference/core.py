@@ -17,12 +17,13 @@ never run: it is refused as too long.
 
 MAX_BATCH_TOKENS=auto where the device reports its free memory (CUDA; ``memory.device_memory``):
 one slot first, a warm-up forward in it (the picture question's prefill: the vision tower's
-and the prefill's activations), then the cache takes GPU_MEMORY_FRACTION of the device's
-memory less what is in use, at the model's KV bytes per token; its slots hold the picture
-question (no MAX_BATCH_SIZE floor), at most MAX_BATCH_SIZE of them. Elsewhere auto is
-DEFAULT_MAX_BATCH_TOKENS. Out of memory in a prefill or a decode step: the requests it hit
-get the error, and once the others have ended the cache is re-made with a quarter fewer
-tokens (never below one slot); serving goes on.
+and the prefill's activations, still held by torch's allocator when the figure is read),
+then the cache takes GPU_MEMORY_FRACTION of the device's memory less what is in use, at the
+model's KV bytes per token; its slots hold the picture question
+(not stretched to MAX_BATCH_TOKENS / MAX_BATCH_SIZE), at most MAX_BATCH_SIZE of them.
+Elsewhere auto is DEFAULT_MAX_BATCH_TOKENS. Out of memory in a prefill or a decode step: the
+requests it hit get the error, and once the others have ended the cache is re-made with a
+quarter fewer tokens (never below one slot); serving goes on.
 """
 
 from __future__ import annotations
@@ -63,14 +64,17 @@ LEAST_AUTO_TOKENS = 256
 
 
 def cache_shape(
-    max_batch_tokens: int, max_batch_size: int, need: int, bucket: int, *, floor: bool = True
+    max_batch_tokens: int, max_batch_size: int, need: int, bucket: int, *, from_memory: bool = False
 ) -> tuple[int, int]:
     """(slots, length) of a cache whose slots hold ``need`` positions (see the module
-    docstring); ``floor``: slots at least MAX_BATCH_TOKENS / MAX_BATCH_SIZE long."""
-    least = max_batch_tokens // max_batch_size if floor else 0
-    length = round_up(max(need, least, 1), bucket)
-    if not floor and length > max_batch_tokens:  # memory for less than one such question
-        length = max(bucket, max_batch_tokens // bucket * bucket)
+    docstring). ``from_memory``: MAX_BATCH_TOKENS is what memory holds, and slots are not
+    stretched to MAX_BATCH_TOKENS / MAX_BATCH_SIZE."""
+    if from_memory:
+        length = round_up(max(need, 1), bucket)
+        if length > max_batch_tokens:  # memory for less than one such question
+            length = max(bucket, max_batch_tokens // bucket * bucket)
+        return max(1, min(max_batch_size, max_batch_tokens // length)), length
+    length = round_up(max(need, max_batch_tokens // max_batch_size, 1), bucket)
     slots = max(1, min(max_batch_size, max_batch_tokens // length))
     return slots, length
 
@@ -119,7 +123,7 @@ class EngineCore:
         self.max_batch_tokens = settings.max_batch_tokens or DEFAULT_MAX_BATCH_TOKENS
         auto = settings.max_batch_tokens is None and memory.device_memory(loaded.device) is not None
         self.sized_from_memory = auto
-        if auto:  # one slot for the warm-up forward, then the rest of the memory
+        if auto:  # one slot for the warm-up forward, then the memory there is
             self.max_batch_tokens = round_up(max(need, 1), self.length_bucket)
         self.usual_shape = self._usual_shape()
         self._shrink_pending = False
@@ -166,7 +170,7 @@ class EngineCore:
             self.settings.max_batch_size,
             self.usual_need,
             self.length_bucket,
-            floor=not self.sized_from_memory,
+            from_memory=self.sized_from_memory,
         )
 
     def _resize(self, max_batch_tokens: int) -> None:
@@ -195,11 +199,14 @@ class EngineCore:
                 "the model's weights leave too little GPU memory for one question about a picture "
                 "(try QUANTIZE=4bit, a lower NUM_CROPS or MAX_NEW_TOKENS)"
             ) from error
-        self.runner = self.scheduler = None  # the warm-up's cache goes before the figure is read
-        release_gpu_memory()
+        # Read while torch's allocator still holds the warm-up's activations (they count as in
+        # use); the warm-up's own cache, about to be replaced, does not.
         figure = memory.device_memory(loaded.device)
-        assert figure is not None
+        assert figure is not None and self.runner is not None
         free, total = figure
+        free += self.runner.cache.nbytes
+        self.runner = self.scheduler = None
+        release_gpu_memory()
         per_token = memory.kv_bytes_per_token(loaded.model.config, loaded.dtype)
         fraction = self.settings.gpu_memory_fraction
         budget = memory.cache_budget_tokens(free, total, fraction, per_token)
@@ -257,9 +264,9 @@ class EngineCore:
         self._shrink_pending = False
         slots, length = self.shape
         held = min(self.max_batch_tokens, slots * length)
-        one_slot = round_up(max(self.usual_need, 1), self.length_bucket)
+        least = round_up(max(self.usual_need, 1), self.length_bucket)
         before = self.max_batch_tokens
-        smaller = min(before, max(int(held * SHRINK_AFTER_OUT_OF_MEMORY), one_slot))
+        smaller = min(before, max(int(held * SHRINK_AFTER_OUT_OF_MEMORY), least))
         self._resize(smaller)
         log.warning(
             "out of GPU memory: the KV cache was re-made %s: %d -> %d tokens (%d slot(s) x %d tokens)",
@@ -342,7 +349,11 @@ class EngineCore:
                 self._build(*self.usual_shape, compile=self.compile)
             elif not scheduler.fits(request):
                 shape = cache_shape(
-                    self.max_batch_tokens, self.settings.max_batch_size, request.need, self.length_bucket
+                    self.max_batch_tokens,
+                    self.settings.max_batch_size,
+                    request.need,
+                    self.length_bucket,
+                    from_memory=self.sized_from_memory,
                 )
                 self._build(*shape, compile=False)
             scheduler = self.scheduler

@@ -76,6 +76,15 @@ def slot_length(engine: LocalEngine) -> int:
     return round_up(engine.core.usual_need, 64)  # type: ignore[union-attr]
 
 
+def figure_for(slots: float, total: int, length: int = 384, fraction: float = 0.9) -> int:
+    """The free bytes the device reports (of ``total``) for a cache of ``slots`` slots of
+    ``length`` tokens, after the warm-up forward: its own cache (one slot) is still held
+    then, and counted as free."""
+    held = length * KV_BYTES_PER_TOKEN
+    in_use = int(fraction * total) + held - int(slots * length) * KV_BYTES_PER_TOKEN
+    return total - in_use
+
+
 @pytest.mark.parametrize("slots", [2, 5])
 async def test_auto_sizes_the_cache_from_the_free_memory_figure(
     slots: int, tiny_model_dir: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
@@ -83,12 +92,12 @@ async def test_auto_sizes_the_cache_from_the_free_memory_figure(
     caplog.set_level(logging.INFO, logger="inference")
     total = GIB
     length = 384  # the tiny picture question (about 30 tokens) + 300, rounded up
-    # What is in use leaves 90% of the device minus it = slots and a half of slots.
-    in_use = int(0.9 * total) - int((slots + 0.5) * length) * KV_BYTES_PER_TOKEN
-    asked = memory_figure(monkeypatch, total - in_use, total)
+    free = figure_for(slots + 0.5, total, length)
+    asked = memory_figure(monkeypatch, free, total)
     async with running(settings_for(tiny_model_dir)) as engine:
         assert slot_length(engine) == length
-        tokens = (int(0.9 * total) - in_use) // KV_BYTES_PER_TOKEN
+        held = length * KV_BYTES_PER_TOKEN
+        tokens = (int(0.9 * total) - (total - free - held)) // KV_BYTES_PER_TOKEN
         assert engine.core.max_batch_tokens == tokens  # type: ignore[union-attr]
         assert engine.core.shape == (slots, length)  # type: ignore[union-attr]
         assert f"= {tokens} tokens at {KV_BYTES_PER_TOKEN} bytes/token" in caplog.text
@@ -101,11 +110,11 @@ async def test_auto_takes_at_most_max_batch_size_slots_and_honours_gpu_memory_fr
     tiny_model_dir: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     total = GIB
-    memory_figure(monkeypatch, total // 2, total)
+    memory_figure(monkeypatch, figure_for(20, total, fraction=0.6), total)
     settings = settings_for(tiny_model_dir, max_batch_size=3, gpu_memory_fraction=0.6)
     async with running(settings) as engine:
-        assert engine.core.max_batch_tokens == (int(0.6 * total) - total // 2) // KV_BYTES_PER_TOKEN  # type: ignore[union-attr]
-        assert engine.core.shape == (3, slot_length(engine))  # type: ignore[union-attr]
+        assert engine.core.max_batch_tokens == 20 * 384  # type: ignore[union-attr]
+        assert engine.core.shape == (3, 384)  # type: ignore[union-attr]
 
 
 async def test_auto_without_a_memory_figure_is_the_old_default_and_a_number_is_that_number(
@@ -156,8 +165,7 @@ async def test_when_every_slot_is_taken_questions_wait_their_turn_and_are_answer
     tiny_model_dir: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     total = GIB
-    in_use = int(0.9 * total) - int(1.5 * 384) * KV_BYTES_PER_TOKEN  # memory for one slot
-    memory_figure(monkeypatch, total - in_use, total)
+    memory_figure(monkeypatch, figure_for(1.5, total), total)  # memory for one slot and a half
     async with running(settings_for(tiny_model_dir)) as engine:
         assert engine.core.shape == (1, 384)  # type: ignore[union-attr]
         places: dict[int, list[int]] = {n: [] for n in range(3)}
@@ -201,3 +209,35 @@ async def test_an_out_of_memory_beside_a_running_answer_lets_it_finish_before_th
         assert (first + rest).startswith("once upon a time")
         assert await hello == HELLO
         assert engine.core.shape == (4, 192)  # type: ignore[union-attr]
+
+
+def test_a_padded_decode_step_repeats_a_busy_row_and_changes_nothing_else(tiny_model_dir: Path) -> None:
+    """CUDA graphs round a step's rows up to a bucket (emulated here on the CPU): the padding
+    rows repeat the last busy row, so the cache needs no scratch row of its own."""
+    from inference.kv_cache import SlotCache
+    from inference.loading import load_model
+    from inference.runner import ModelRunner, row_buckets
+
+    loaded = load_model(settings_for(tiny_model_dir))
+    config = loaded.model.config
+
+    def runner() -> ModelRunner:
+        cache = SlotCache.for_model(config, slots=4, length=64, device=loaded.device, dtype=loaded.dtype)
+        made = ModelRunner(loaded.model, cache, device=loaded.device, dtype=loaded.dtype, pad_id=0)
+        for slot, length in enumerate((5, 9, 7)):
+            ids = torch.arange(20 + slot, 20 + slot + length)[None]
+            made.prefill(slot, made.embed_prompt({"input_ids": ids}), 0)
+        return made
+
+    exact, padded = runner(), runner()
+    # As with CUDA graphs (gathered rows, not a view of consecutive ones): 3 busy rows run as 4.
+    padded._row_buckets, padded.compile = row_buckets(4), True
+    assert padded.decode_shape(3, 10) == (4, 10)
+    expected = exact.decode([0, 1, 2], [31, 32, 33])
+    got = padded.decode([0, 1, 2], [31, 32, 33])
+    assert padded.last_decode_shape == (4, 10) and exact.last_decode_shape == (3, 10)
+    torch.testing.assert_close(got, expected)
+    for layer in range(config.num_hidden_layers):
+        torch.testing.assert_close(padded.cache.keys[layer], exact.cache.keys[layer])
+        torch.testing.assert_close(padded.cache.values[layer], exact.cache.values[layer])
+        assert not padded.cache.keys[layer][3].any()  # the free slot was not written
