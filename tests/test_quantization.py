@@ -251,3 +251,14 @@ def test_the_which_gpu_table_comes_from_the_real_shapes() -> None:
     assert round(rows["none"]["weight_bytes"] / 1e9, 1) == 8.3
     # README: an 8 GB GPU answers two one-image questions at once with QUANTIZE=4bit.
     assert rows["4bit"]["questions_fit"]["8"] == 2 and rows["none"]["questions_fit"]["8"] == 0
+
+
+def test_a_device_bitsandbytes_does_not_run_on_is_one_clear_line() -> None:
+    from inference.engine import ModelLoadError
+    from inference.quantization import PHI3V_KEPT, quantization_config
+
+    with pytest.raises(ModelLoadError) as caught:
+        quantization_config("8bit", torch.device("meta"), torch.float32, PHI3V_KEPT)
+    assert str(caught.value).startswith("QUANTIZE=8bit: bitsandbytes does not run on meta (it runs on ")
+    assert str(caught.value).endswith("set QUANTIZE=none") and "\n" not in str(caught.value)
+    assert quantization_config("none", torch.device("meta"), torch.float32, PHI3V_KEPT) is None
