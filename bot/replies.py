@@ -73,7 +73,9 @@ class StreamingReply:
                     continue
                 started = time.monotonic()
                 try:
-                    called = await self._show()
+                    # Shielded: a Cancel that lands inside discord.py's rate limiter would
+                    # leave the route's bucket shut for 30 s (the final update then waits).
+                    called = await asyncio.shield(self._show())
                 except discord.HTTPException as error:
                     interval = max(interval * 2, 1.0)
                     log.warning("a streaming update failed (%s); next in %.1f s", error, interval)

@@ -283,6 +283,10 @@ class EngineCore:
         self._build(*self.usual_shape, compile=compile)
 
     @property
+    def decoding(self) -> str:
+        return "compiled" if self.compile else "eager"
+
+    @property
     def shape(self) -> tuple[int, int]:
         assert self.scheduler is not None
         return self.scheduler.slots, self.scheduler.slot_length

@@ -26,7 +26,7 @@ log = logging.getLogger(__name__)
 class GenericCore:
     """Batches of generic-path requests, one ``generate`` each (see the module docstring)."""
 
-    compile = False
+    decoding = "generic"
 
     def __init__(self, loaded: LoadedModel, settings: InferenceSettings) -> None:
         self.loaded = loaded

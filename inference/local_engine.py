@@ -33,25 +33,39 @@ class ServingCore(Protocol):
     """What the front needs of a core (core.EngineCore, generic_serving.GenericCore)."""
 
     @property
-    def idle(self) -> bool: ...
-
-    @property
-    def running(self) -> int: ...
-
-    def has_room(self) -> bool: ...
-
-    def prepare(self, job: Job) -> None: ...
+    def idle(self) -> bool:
+        """Nothing admitted and running."""
+        ...
 
     @property
     def room(self) -> int:
-        """How many more requests could start now."""
+        """How many more requests could start now (for places in line)."""
         ...
 
-    def add(self, job: Job) -> Any: ...
+    @property
+    def decoding(self) -> str:
+        """How it generates: "eager", "compiled" or "generic"."""
+        ...
 
-    def step(self) -> None: ...
+    def has_room(self) -> bool:
+        """Whether ``add`` can take one more now."""
+        ...
 
-    def finish_all(self, item: Any = DONE) -> None: ...
+    def prepare(self, job: Job) -> None:
+        """Encode the job's prompt (CPU only; on the preparing thread)."""
+        ...
+
+    def add(self, job: Job) -> Any:
+        """Admit a prepared job; returns a ``core.Admission``."""
+        ...
+
+    def step(self) -> None:
+        """Run one step of the admitted work."""
+        ...
+
+    def finish_all(self, item: Any = DONE) -> None:
+        """End everything running with ``item``."""
+        ...
 
 
 def compile_wanted(settings: InferenceSettings, device_type: str) -> bool:
@@ -118,11 +132,8 @@ class LocalEngine:
 
     @property
     def decoding(self) -> str:
-        """How answers are generated: "eager", "compiled" or "generic"."""
-        core = self._core
-        if core is None or not hasattr(core, "compile"):
-            return "generic"
-        return "compiled" if core.compile else "eager"  # type: ignore[attr-defined]
+        """How answers are generated: "eager", "compiled" or "generic" ("" before the start)."""
+        return "" if self._core is None else self._core.decoding
 
     @property
     def joined_running(self) -> int:
@@ -241,6 +252,7 @@ class LocalEngine:
                 self._core = make_core(self._loaded, self.settings, self._steering)
             except Exception as error:
                 log.exception("the warm-up failed")
+                self._loaded = None  # nothing half-loaded stays
                 reason = (str(error).strip() or type(error).__name__).splitlines()[0]
                 raise ModelLoadError(f"the model loaded but does not run: {reason}") from error
             self.warm_up_seconds = time.perf_counter() - loaded_at
