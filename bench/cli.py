@@ -18,7 +18,7 @@ from typing import Any
 
 log = logging.getLogger("bench")
 
-SECTIONS = ("lag", "overhead", "throughput", "fastpath")
+SECTIONS = ("lag", "overhead", "throughput", "fastpath", "quant")
 # Sections run only when named with --only (a soak takes minutes and starts the bot).
 EXTRA_SECTIONS = ("soak",)
 
@@ -100,6 +100,7 @@ async def run(args: argparse.Namespace, sections: tuple[str, ...]) -> dict[str, 
     from .machine import machine_info
     from .model import BenchModel, build_tiny
     from .overhead import OverheadConfig, measure_overhead
+    from .quant import QuantConfig, measure_quant
     from .random_weights import build_random_weights_model
     from .soak import SoakConfig, measure_soak
     from .throughput import ThroughputConfig, measure_throughput
@@ -184,6 +185,15 @@ async def run(args: argparse.Namespace, sections: tuple[str, ...]) -> dict[str, 
             soak.questions,
         )
         results["soak"] = await measure_soak(None, soak)
+    if "quant" in sections:
+        log.info("measuring QUANTIZE none, 8bit and 4bit")
+        quant = QuantConfig(
+            max_new_tokens=args.max_new_tokens or (16 if quick else 32),
+            requests_per_client=1 if quick else 2,
+            ttft_runs=3 if quick else 5,
+        )
+        results["config"]["quant"] = vars(quant)
+        results["quant"] = await measure_quant(model, quant)
     return results
 
 

@@ -266,6 +266,10 @@ def render(results: dict[str, Any]) -> str:
         from .soak import soak_table
 
         parts.append(soak_table(results["soak"]))
+    if "quant" in results:
+        from .quant import quant_tables
+
+        parts.append(quant_tables(results["quant"]))
     parts.append("### Targets\n\n" + "\n".join(target_lines(results)))
     return "\n\n".join(parts) + "\n"
 

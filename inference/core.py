@@ -12,7 +12,18 @@ and the need (prompt + MAX_NEW_TOKENS) of a question about one 1280x720 picture,
 up to the runner's length bucket; slots = MAX_BATCH_TOKENS // length (1..MAX_BATCH_SIZE).
 A request that needs more waits, first in line, until the batch drains; then the cache is
 re-made for it (eagerly: no graphs for a one-off shape), and the usual shape comes back
-with the next request that fits it.
+with the next request that fits it. A request that needs more than MAX_BATCH_TOKENS can
+never run: it is refused as too long.
+
+MAX_BATCH_TOKENS=auto where the device reports its free memory (CUDA; ``memory.device_memory``):
+one slot first, a warm-up forward in it (the picture question's prefill: the vision tower's
+and the prefill's activations, still held by torch's allocator when the figure is read),
+then the cache takes GPU_MEMORY_FRACTION of the device's memory less what is in use, at the
+model's KV bytes per token; its slots hold the picture question
+(not stretched to MAX_BATCH_TOKENS / MAX_BATCH_SIZE), at most MAX_BATCH_SIZE of them.
+Elsewhere auto is DEFAULT_MAX_BATCH_TOKENS. Out of memory in a prefill or a decode step: the
+requests it hit get the error, and once the others have ended the cache is re-made with a
+quarter fewer tokens (never below one slot); serving goes on.
 """
 
 from __future__ import annotations
@@ -23,7 +34,9 @@ from typing import Any
 
 import torch
 
+from . import memory
 from .conversation import Conversation
+from .engine import ModelLoadError, PromptTooLong
 from .jobs import DONE, Job, padding_id, release_gpu_memory
 from .kv_cache import SlotCache
 from .loading import LoadedModel
@@ -32,7 +45,7 @@ from .prompt_inputs import PromptEncoder
 from .runner import DEFAULT_LENGTH_BUCKET, ModelRunner, round_up
 from .sampling import Sampling, choose_tokens
 from .scheduler import Chunk, Request, Scheduler
-from .settings import InferenceSettings
+from .settings import DEFAULT_MAX_BATCH_TOKENS, InferenceSettings
 from .steering import Steering
 
 log = logging.getLogger(__name__)
@@ -44,11 +57,25 @@ class Admission(enum.Enum):
     REFUSED = "refused"  # its asker was told why (prompt too long, cancelled...)
 
 
-def cache_shape(settings: InferenceSettings, need: int, bucket: int) -> tuple[int, int]:
-    """(slots, length) of a cache whose slots hold ``need`` positions (see the module docstring)."""
-    floor = settings.max_batch_tokens // settings.max_batch_size
-    length = round_up(max(need, floor, 1), bucket)
-    slots = max(1, min(settings.max_batch_size, settings.max_batch_tokens // length))
+# After an out-of-memory the cache keeps this share of its tokens.
+SHRINK_AFTER_OUT_OF_MEMORY = 0.75
+# Less KV cache than this left after loading: the model cannot serve.
+LEAST_AUTO_TOKENS = 256
+
+
+def cache_shape(
+    max_batch_tokens: int, max_batch_size: int, need: int, bucket: int, *, from_memory: bool = False
+) -> tuple[int, int]:
+    """(slots, length) of a cache whose slots hold ``need`` positions (see the module
+    docstring). ``from_memory``: MAX_BATCH_TOKENS is what memory holds, and slots are not
+    stretched to MAX_BATCH_TOKENS / MAX_BATCH_SIZE."""
+    if from_memory:
+        length = round_up(max(need, 1), bucket)
+        if length > max_batch_tokens:  # memory for less than one such question
+            length = max(bucket, max_batch_tokens // bucket * bucket)
+        return max(1, min(max_batch_size, max_batch_tokens // length)), length
+    length = round_up(max(need, max_batch_tokens // max_batch_size, 1), bucket)
+    slots = max(1, min(max_batch_size, max_batch_tokens // length))
     return slots, length
 
 
@@ -85,18 +112,28 @@ class EngineCore:
         self.pad_id = padding_id(loaded.tokenizer)
         original = getattr(config, "original_max_position_embeddings", None)
         self.rope_switch = int(original) if getattr(config, "rope_scaling", None) and original else None
+        self._usual_inputs = (
+            None if usual_question is None else self.encoder.encode_conversation(usual_question)
+        )
         need = 0
-        if usual_question is not None:
-            need = (
-                self.encoder.encode_conversation(usual_question)["input_ids"].shape[1]
-                + settings.max_new_tokens
-            )
-        self.usual_shape = cache_shape(settings, need, self.length_bucket)
+        if self._usual_inputs is not None:
+            need = self._usual_inputs["input_ids"].shape[1] + settings.max_new_tokens
+        self.usual_need = need
+        # The KV cache's budget in tokens (MAX_BATCH_TOKENS, or sized from free memory).
+        self.max_batch_tokens = settings.max_batch_tokens or DEFAULT_MAX_BATCH_TOKENS
+        auto = settings.max_batch_tokens is None and memory.device_memory(loaded.device) is not None
+        self.sized_from_memory = auto
+        if auto:  # one slot for the warm-up forward, then the memory there is
+            self.max_batch_tokens = round_up(max(need, 1), self.length_bucket)
+        self.usual_shape = self._usual_shape()
+        self._shrink_pending = False
         # Requests that joined a batch already decoding (for tests and logs).
         self.joined_running = 0
         self.runner: ModelRunner | None = None
         self.scheduler: Scheduler | None = None
         self._build(*self.usual_shape, compile=compile)
+        if auto:
+            self._size_from_free_memory()
 
     # --- the cache -------------------------------------------------------------------------
 
@@ -125,6 +162,118 @@ class EngineCore:
         )
         self.scheduler = Scheduler(
             slots=slots, slot_length=length, prefill_budget=self.prefill_budget, whole_above=self.rope_switch
+        )
+
+    def _usual_shape(self) -> tuple[int, int]:
+        return cache_shape(
+            self.max_batch_tokens,
+            self.settings.max_batch_size,
+            self.usual_need,
+            self.length_bucket,
+            from_memory=self.sized_from_memory,
+        )
+
+    def _resize(self, max_batch_tokens: int) -> None:
+        """Re-make the usual cache for a new budget (nothing running)."""
+        self.max_batch_tokens = max_batch_tokens
+        self.usual_shape = self._usual_shape()
+        self._build(*self.usual_shape, compile=self.compile)
+
+    @torch.inference_mode()
+    def _warm_up_forward(self) -> None:
+        """The picture question's prefill in slot 0 (then freed): what one question's vision
+        tower and prefill take beside the weights, before the cache is sized."""
+        runner = self.runner
+        if runner is None or self._usual_inputs is None:
+            return
+        runner.prefill(0, runner.embed_prompt(self._usual_inputs), 0)
+        runner.cache.free(0)
+
+    def _size_from_free_memory(self) -> None:
+        """MAX_BATCH_TOKENS=auto: see the module docstring."""
+        loaded = self.loaded
+        try:
+            self._warm_up_forward()
+        except torch.OutOfMemoryError as error:
+            raise ModelLoadError(
+                "the model's weights leave too little GPU memory for one question about a picture "
+                "(try QUANTIZE=4bit, a lower NUM_CROPS or MAX_NEW_TOKENS)"
+            ) from error
+        # Read while torch's allocator still holds the warm-up's activations (they count as in
+        # use); the warm-up's own cache, about to be replaced, does not.
+        figure = memory.device_memory(loaded.device)
+        assert figure is not None and self.runner is not None
+        free, total = figure
+        free += self.runner.cache.nbytes
+        self.runner = self.scheduler = None
+        release_gpu_memory()
+        per_token = memory.kv_bytes_per_token(loaded.model.config, loaded.dtype)
+        fraction = self.settings.gpu_memory_fraction
+        budget = memory.cache_budget_tokens(free, total, fraction, per_token)
+        if budget < LEAST_AUTO_TOKENS:
+            raise ModelLoadError(
+                f"only {max(budget, 0)} tokens of KV cache fit in GPU_MEMORY_FRACTION={fraction} of the "
+                f"GPU's {total / 2**30:.1f} GiB after loading ({(total - free) / 2**30:.1f} GiB in use): "
+                "try QUANTIZE=4bit or a higher GPU_MEMORY_FRACTION"
+            )
+        self._resize(budget)
+        slots, length = self.usual_shape
+        log.info(
+            "KV cache from free memory: %.0f%% of %.1f GiB less %.1f GiB in use = %d tokens at %d "
+            "bytes/token (%.1f GiB): %d slot(s) x %d tokens",
+            fraction * 100,
+            total / 2**30,
+            (total - free) / 2**30,
+            budget,
+            per_token,
+            budget * per_token / 2**30,
+            slots,
+            length,
+        )
+        if length < self.usual_need:
+            log.warning(
+                "the KV cache holds %d tokens, less than a question about one picture and its answer "
+                "(%d): such questions are refused as too long; try QUANTIZE=4bit, a lower NUM_CROPS "
+                "or MAX_NEW_TOKENS",
+                length,
+                self.usual_need,
+            )
+
+    @property
+    def capacity(self) -> int:
+        """The most positions one request may need (its prompt and longest answer)."""
+        return max(self.max_batch_tokens // self.length_bucket * self.length_bucket, self.usual_shape[1])
+
+    def _too_long(self, prompt: int, max_new_tokens: int) -> PromptTooLong | None:
+        if prompt + max_new_tokens <= self.capacity:
+            return None
+        return PromptTooLong(
+            f"the question and its images take {prompt} tokens, and with a {max_new_tokens}-token "
+            f"answer that is more than the {self.capacity} tokens of memory for answers; try fewer "
+            "images or a shorter question"
+        )
+
+    def _out_of_memory(self) -> None:
+        """Re-make the cache smaller once nothing runs (now, if nothing does)."""
+        self._shrink_pending = True
+        if self.idle:
+            self._shrink()
+
+    def _shrink(self) -> None:
+        """A quarter fewer tokens than the cache held, never below one slot of the usual need."""
+        self._shrink_pending = False
+        slots, length = self.shape
+        held = min(self.max_batch_tokens, slots * length)
+        least = round_up(max(self.usual_need, 1), self.length_bucket)
+        before = self.max_batch_tokens
+        smaller = min(before, max(int(held * SHRINK_AFTER_OUT_OF_MEMORY), least))
+        self._resize(smaller)
+        log.warning(
+            "out of GPU memory: the KV cache was re-made %s: %d -> %d tokens (%d slot(s) x %d tokens)",
+            "smaller" if smaller < before else "as it was (one slot is its smallest)",
+            before,
+            smaller,
+            *self.usual_shape,
         )
 
     def recompile(self, compile: bool) -> None:
@@ -165,7 +314,11 @@ class EngineCore:
     def prepare(self, job: Job) -> None:
         """Encode the job's request (``job.encoded``); raises ``EngineError`` when it cannot be
         answered (too long). CPU work only: the front runs it off the worker thread."""
-        job.encoded = self.encoder.encode(job.request, self.max_new_tokens(job))
+        max_new_tokens = self.max_new_tokens(job)
+        job.encoded = self.encoder.encode(job.request, max_new_tokens)
+        too_long = self._too_long(int(job.encoded["input_ids"].shape[1]), max_new_tokens)
+        if too_long is not None:
+            raise too_long
 
     def add(self, job: Job) -> Admission:
         """Admit ``job`` (prepared) to a free slot; its prefill starts at the next step."""
@@ -182,14 +335,31 @@ class EngineCore:
             sampling=Sampling.of(temperature, getattr(self.loaded.model, "generation_config", None)),
             pieces=TextPieces(self.loaded.tokenizer, job.send),
         )
+        too_long = self._too_long(request.prompt_length, max_new_tokens)
+        if too_long is not None:  # the cache was made smaller since it was prepared
+            job.send(too_long)
+            return Admission.REFUSED
         scheduler = self.scheduler
         assert scheduler is not None
+        if self._shrink_pending:
+            if not scheduler.idle:
+                return Admission.LATER  # the cache is re-made smaller once the running answers end
+            self._shrink()
+            scheduler = self.scheduler
+            assert scheduler is not None
         if scheduler.idle:
             usual_fits = request.need <= self.usual_shape[1]
             if usual_fits and self.shape != self.usual_shape:
                 self._build(*self.usual_shape, compile=self.compile)
             elif not scheduler.fits(request):
-                self._build(*cache_shape(self.settings, request.need, self.length_bucket), compile=False)
+                shape = cache_shape(
+                    self.max_batch_tokens,
+                    self.settings.max_batch_size,
+                    request.need,
+                    self.length_bucket,
+                    from_memory=self.sized_from_memory,
+                )
+                self._build(*shape, compile=False)
             scheduler = self.scheduler
             assert scheduler is not None
         if not scheduler.can_admit(request):
@@ -235,8 +405,7 @@ class EngineCore:
         except Exception as error:
             log.exception("a decode step failed")
             release_gpu_memory()
-            for request in decoding:
-                self._finish(request, error)
+            self._fail(decoding, error)
             return
         for request, token in zip(decoding, tokens, strict=True):
             self._accept(request, token)
@@ -262,7 +431,7 @@ class EngineCore:
         except Exception as error:
             log.exception("a prefill failed")
             release_gpu_memory()
-            self._finish(request, error)
+            self._fail([request], error)
             return
         self._accept(request, token)
 
@@ -278,14 +447,25 @@ class EngineCore:
             request.job.hit_token_limit = True
             self._finish(request)
 
-    def _finish(self, request: Request, item: Any = DONE) -> None:
+    def _fail(self, requests: list[Request], error: Exception) -> None:
+        """End the requests a failure hit with it; after an out-of-memory the cache is re-made
+        smaller first (at once if nothing else runs), so whoever asks next finds it so."""
+        for request in requests:
+            self._finish(request, tell=False)
+        if memory.is_out_of_memory(error):
+            self._out_of_memory()
+        for request in requests:
+            if not request.job.cancelled.is_set():
+                request.job.send(error)
+
+    def _finish(self, request: Request, item: Any = DONE, *, tell: bool = True) -> None:
         scheduler, runner = self.scheduler, self.runner
         assert scheduler is not None and runner is not None
         if request.status.name == "FINISHED":
             return
         scheduler.finish(request)
         runner.cache.free(request.slot)
-        if request.job.cancelled.is_set():
+        if request.job.cancelled.is_set() or not tell:
             return
         if item is DONE:
             request.pieces.end()

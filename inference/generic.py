@@ -126,7 +126,10 @@ def _stop_token_ids(tokenizer: Any, generation_config: Any) -> list[int]:
 def _load_model(source: str, settings: InferenceSettings, device: torch.device, dtype: torch.dtype) -> Any:
     from transformers import AutoModelForImageTextToText
 
+    from .quantization import GENERIC_KEPT, quantization_config
+
     common: dict[str, Any] = {
+        "quantization_config": quantization_config(settings.quantize, device, dtype, GENERIC_KEPT),
         "revision": settings.model_revision,
         "trust_remote_code": settings.trust_remote_code,
         "dtype": dtype,
@@ -163,7 +166,13 @@ def load_generic(settings: InferenceSettings, device: torch.device, dtype: torch
     source = settings.model_id
     trust_remote_code = settings.trust_remote_code
     _check_architecture(source, _config_dict(source, settings.model_revision), trust_remote_code)
-    log.info("loading %s on %s (%s) through the generic path", source, device, dtype)
+    log.info(
+        "loading %s on %s (%s, QUANTIZE=%s) through the generic path",
+        source,
+        device,
+        dtype,
+        settings.quantize,
+    )
     try:
         processor = AutoProcessor.from_pretrained(
             source, revision=settings.model_revision, trust_remote_code=trust_remote_code

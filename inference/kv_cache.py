@@ -1,9 +1,9 @@
 """The continuous-batching KV cache: slots of key/value buffers and each slot's filled length.
 
-One buffer per layer for keys and one for values, ``(slots + 1, kv_heads, length,
-head_dim)``: a request holds one slot (row) from its prefill to its end, its K/V at
-positions ``[0, filled)``. The extra last row is scratch: the padding rows of a bucketed
-decode step (CUDA graphs want repeating shapes) write there and nobody reads it. Reads
+One buffer per layer for keys and one for values, ``(slots, kv_heads, length, head_dim)``:
+a request holds one slot (row) from its prefill to its end, its K/V at positions
+``[0, filled)``. No row is kept for scratch (on a small GPU a row is a question): the padding
+rows of a bucketed decode step repeat a busy row (runner.py). Reads
 gather only the rows of a step and only up to the step's length bucket, so a step costs
 what its busy rows hold, not the whole cache.
 """
@@ -29,12 +29,11 @@ class SlotCache:
         device: torch.device,
         dtype: torch.dtype,
     ) -> None:
-        shape = (slots + 1, kv_heads, length, head_dim)
+        shape = (slots, kv_heads, length, head_dim)
         self.keys = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(layers)]
         self.values = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(layers)]
         self.slots = slots
         self.length = length
-        self.scratch = slots  # the row padding rows write to
         self._filled = [0] * slots
 
     @classmethod

@@ -121,13 +121,21 @@ def _looks_like_a_path(source: str) -> bool:
 
 def _load_phi3v(settings: InferenceSettings, device: torch.device, dtype: torch.dtype) -> LoadedModel:
     from .phi3v import CheckpointMismatch, load_phi3v
+    from .quantization import PHI3V_KEPT, describe, quantization_config
 
     source = settings.model_id
     attention = choose_attention(device, dtype)
-    log.info("loading %s on %s (%s, %s attention)", source, device, dtype, attention)
+    quantization = quantization_config(settings.quantize, device, dtype, PHI3V_KEPT)
+    weights = f", {describe(settings.quantize)}" if quantization is not None else ""
+    log.info("loading %s on %s (%s, %s attention%s)", source, device, dtype, attention, weights)
     try:
         model, processor = load_phi3v(
-            source, revision=settings.model_revision, device=device, dtype=dtype, attention=attention
+            source,
+            revision=settings.model_revision,
+            device=device,
+            dtype=dtype,
+            attention=attention,
+            quantization=quantization,
         )
     except CheckpointMismatch as error:
         raise ModelLoadError(

@@ -69,8 +69,15 @@ class ServingCore(Protocol):
 
 
 def compile_wanted(settings: InferenceSettings, device_type: str) -> bool:
-    """COMPILE: on, off, or auto (on with CUDA)."""
-    return settings.compile == "on" or (settings.compile == "auto" and device_type == "cuda")
+    """COMPILE: on, off, or auto (on with CUDA); off, with one log line, for weights that
+    cannot run compiled there (quantization.compile_refusal)."""
+    from .quantization import compile_refusal
+
+    wanted = settings.compile == "on" or (settings.compile == "auto" and device_type == "cuda")
+    refusal = compile_refusal(settings.quantize, device_type) if wanted else None
+    if refusal is not None:
+        log.info("COMPILE: decoding eagerly: %s", refusal)
+    return wanted and refusal is None
 
 
 def make_core(loaded: LoadedModel, settings: InferenceSettings, steering: Steering | None) -> ServingCore:

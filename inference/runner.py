@@ -6,7 +6,8 @@ filled: the step's shape is (busy rows, length), where length covers the longest
 Eager (COMPILE off) and compiled on the CPU (inductor, symbolic shapes) both are exact, so
 one row's step costs one row. With CUDA graphs (COMPILE on CUDA) both are rounded up to
 buckets (rows 1, 2, 4, 8, 16...; lengths a multiple of ``length_bucket``) so that shapes
-repeat and graphs replay; the padding rows write to the cache's scratch row. The prefill
+repeat and graphs replay; the padding rows repeat the last busy row (its slot, token and
+position: the same key/value written twice, its logits dropped). The prefill
 runs eagerly, one chunk of one prompt at a time, the chunk's K/V written into its slot.
 """
 
@@ -142,9 +143,9 @@ class ModelRunner:
         padding = rows - len(slots)
         consecutive = not self.compile and slots == list(range(slots[0], slots[0] + len(slots)))
         logits = self._run(
-            [*slots, *[self.cache.scratch] * padding],
-            [*tokens, *[self.pad_id] * padding],
-            [*positions, *[0] * padding],
+            [*slots, *slots[-1:] * padding],
+            [*tokens, *tokens[-1:] * padding],
+            [*positions, *positions[-1:] * padding],
             length,
             first=slots[0] if consecutive else None,
         )[: len(slots)]
@@ -153,9 +154,10 @@ class ModelRunner:
         return logits
 
     def run_shape(self, rows: int, length: int) -> None:
-        """Run (compile, record) the decode step of one bucket shape on the scratch row only:
-        for the warm-up; no slot changes."""
-        self._run([self.cache.scratch] * rows, [self.pad_id] * rows, [length - 1] * rows, length)
+        """Run (compile, record) the decode step of one bucket shape, for the warm-up (nothing
+        running): every row writes slot 0's position ``length - 1``, which no request reads
+        before writing it itself; no slot's length changes."""
+        self._run([0] * rows, [self.pad_id] * rows, [length - 1] * rows, length)
 
     @torch.inference_mode()  # inputs made inside it too: a compiled graph guards on that
     def _run(

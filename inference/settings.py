@@ -15,6 +15,9 @@ DEFAULT_OPENAI_BASE_URL = "http://localhost:8000/v1"
 ENGINES = ("local", "openai")
 DTYPES = ("auto", "bfloat16", "float16", "float32")
 SWITCHES = ("auto", "on", "off")
+QUANTIZE_CHOICES = ("none", "8bit", "4bit")
+# MAX_BATCH_TOKENS=auto where there is no free-memory figure to size from (the CPU).
+DEFAULT_MAX_BATCH_TOKENS = 16384
 
 
 class SettingsError(ValueError):
@@ -70,6 +73,22 @@ def env_bool(env: Mapping[str, str], name: str, default: bool) -> bool:
     raise SettingsError(f"{name} must be true or false, got {raw!r}")
 
 
+def env_tokens_or_auto(env: Mapping[str, str], name: str) -> int | None:
+    """A token count, or None for ``auto`` (and for empty)."""
+    if env.get(name, "").strip().lower() == "auto":
+        return None
+    try:
+        return env_int(env, name, None, minimum=16)
+    except SettingsError as error:
+        raise SettingsError(f"{error} (or auto)") from None
+
+
+def check_fraction(name: str, value: float) -> float:
+    if not 0.0 < value <= 1.0:
+        raise SettingsError(f"{name} must be above 0 and at most 1, got {value}")
+    return value
+
+
 def check_device(value: str) -> str:
     value = value.strip().lower()
     if value in ("auto", "cpu", "cuda") or (value.startswith("cuda:") and value[5:].isdigit()):
@@ -92,6 +111,9 @@ class InferenceSettings:
     trust_remote_code: bool = False
     device: str = "auto"
     dtype: str = "auto"
+    # QUANTIZE: the language model's linear layers in bitsandbytes int8 ("8bit") or nf4
+    # ("4bit"); the vision tower, projection, embeddings and lm_head stay in DTYPE.
+    quantize: str = "none"
     # None follows the model cards' advice: 16 crops for one image, 4 when there are several.
     num_crops: int | None = None
     max_new_tokens: int = 1000
@@ -99,9 +121,12 @@ class InferenceSettings:
     # None: the model's own context (max_position_embeddings). Lower it to bound GPU memory.
     max_context_tokens: int | None = None
     # Continuous batching in the local engine: at most this many answers at once, and at most
-    # this many tokens (prompts + answers: the KV cache) in all.
+    # this many tokens (prompts + answers: the KV cache) in all. None (auto): on CUDA, sized
+    # after loading to GPU_MEMORY_FRACTION of the GPU's memory less what is in use; elsewhere
+    # DEFAULT_MAX_BATCH_TOKENS.
     max_batch_size: int = 8
-    max_batch_tokens: int = 16384
+    max_batch_tokens: int | None = None
+    gpu_memory_fraction: float = 0.90
     # A long prompt joining running answers is prefilled this many tokens per decode step, so
     # the answers already streaming keep streaming.
     prefill_chunk_tokens: int = 512
@@ -135,12 +160,16 @@ class InferenceSettings:
             trust_remote_code=env_bool(env, "TRUST_REMOTE_CODE", False),
             device=check_device(env_str(env, "DEVICE", "auto") or "auto"),
             dtype=env_choice(env, "DTYPE", "auto", DTYPES),
+            quantize=env_choice(env, "QUANTIZE", "none", QUANTIZE_CHOICES),
             num_crops=env_int(env, "NUM_CROPS", None, minimum=1),
             max_new_tokens=env_int(env, "MAX_NEW_TOKENS", 1000, minimum=1) or 1000,
             temperature=env_float(env, "TEMPERATURE", 0.0),
             max_context_tokens=env_int(env, "MAX_CONTEXT_TOKENS", None, minimum=16),
             max_batch_size=env_int(env, "MAX_BATCH_SIZE", 8, minimum=1) or 8,
-            max_batch_tokens=env_int(env, "MAX_BATCH_TOKENS", 16384, minimum=16) or 16384,
+            max_batch_tokens=env_tokens_or_auto(env, "MAX_BATCH_TOKENS"),
+            gpu_memory_fraction=check_fraction(
+                "GPU_MEMORY_FRACTION", env_float(env, "GPU_MEMORY_FRACTION", 0.90)
+            ),
             prefill_chunk_tokens=env_int(env, "PREFILL_CHUNK_TOKENS", 512, minimum=1) or 512,
             compile=env_choice(env, "COMPILE", "auto", SWITCHES),
             compile_cache_dir=env_str(env, "COMPILE_CACHE_DIR", None),

@@ -3,8 +3,8 @@
 Compiled (COMPILE; CUDA graphs on CUDA), the first decode step of a new shape compiles or
 records a graph: seconds to tens of seconds for a 4B model. The warm-up runs every shape
 the settings allow (with CUDA graphs, the runner's row buckets x length buckets of the
-usual cache; on the CPU, one graph of symbolic shapes: one row and two rows), on the
-cache's scratch row, so no question waits for it; compiled artefacts are kept on disk
+usual cache; on the CPU, one graph of symbolic shapes: one row and two rows), on slot 0
+before any question holds it, so no question waits for it; compiled artefacts are kept on disk
 (COMPILE_CACHE_DIR) for the next start. If compiling fails the engine decodes eagerly (one
 log line). Eager, one step checks the model runs. The usual cache's slots hold a question
 about one 1280x720 picture (at the default crops) and its MAX_NEW_TOKENS answer.

@@ -66,8 +66,11 @@ def load_phi3v(
     device: torch.device | str = "cpu",
     dtype: torch.dtype = torch.float32,
     attention: str = "sdpa",
+    quantization: Any = None,
 ) -> tuple[Phi3VForCausalLM, Phi3VProcessor]:
     """The model (eval mode, on ``device``, in ``dtype``) and its processor.
+
+    ``quantization``: a transformers quantization config (``BitsAndBytesConfig``), or None.
 
     Raises what transformers raises for a missing checkpoint or file (``OSError``), and
     ``CheckpointMismatch`` when the weights do not match the config.
@@ -83,6 +86,7 @@ def load_phi3v(
             revision=revision,
             dtype=dtype,
             attn_implementation=attention,
+            quantization_config=quantization,
             # Straight onto the GPU: no full copy of the weights in CPU memory first.
             device_map={"": device} if device.type == "cuda" else None,
             output_loading_info=True,
