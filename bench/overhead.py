@@ -80,7 +80,7 @@ async def running_bot(fake: FakeDiscord, env: dict[str, str]) -> AsyncIterator[P
             "-m",
             "bot",
             cwd=workdir,
-            env=env,
+            env={"DATA_DIR": str(workdir / "data"), **env},  # not the user's own ~/.local/share/seebot
             stdin=subprocess.DEVNULL,
             stdout=log_file,
             stderr=subprocess.STDOUT,

@@ -15,6 +15,7 @@ from inference import SettingsError, create_engine
 
 from .client import create_bot
 from .discord_api import use_api_base
+from .ops_server import OpsServer
 from .settings import BotSettings
 
 log = logging.getLogger("bot")
@@ -31,12 +32,30 @@ async def run(settings: BotSettings) -> int:
             loop.add_signal_handler(
                 signal_number, lambda: stopping.append(asyncio.create_task(bot.shutdown()))
             )
+    ops = None
+    if settings.metrics_port is not None:
+        ops = OpsServer(
+            settings.metrics_host, settings.metrics_port, bot.metrics.registry, bot.health_problem
+        )
+        try:
+            await ops.start()
+        except OSError as error:
+            log.error(
+                "cannot serve metrics on %s:%d (%s): check METRICS_HOST and METRICS_PORT",
+                settings.metrics_host,
+                settings.metrics_port,
+                error,
+            )
+            return 1
     async with bot:
         try:
             await bot.start(settings.token)
         except discord.LoginFailure as error:
             log.error("Discord refused the token (%s): check DISCORD_TOKEN in .env", error)
             return 1
+        finally:
+            if ops is not None:
+                await ops.close()
     await asyncio.gather(*stopping)  # a signal's shutdown: let it finish closing everything
     log.info("stopped")
     return bot.exit_code

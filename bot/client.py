@@ -14,13 +14,19 @@ from discord import app_commands
 from inference import Engine, EngineError
 
 from . import texts
+from .admin_commands import register_admin_commands
 from .commands import register_commands
 from .context_menus import register_context_menus
 from .discord_api import use_gateway_of_api
 from .images import ImageFetcher, ImageLimits
 from .media_urls import MediaHosts
+from .metrics import ENGINE_PROBLEMS, MeteredEngine, Metrics
+from .ops_server import gateway_problem
+from .quotas import DailyQuotas
 from .responder import Responder
+from .server_settings import ServerSettings
 from .settings import BotSettings
+from .storage import Storage
 from .triggers import MessageTriggers
 
 log = logging.getLogger(__name__)
@@ -44,7 +50,10 @@ class SeeBot(discord.Client):
             **client_options,
         )
         self.settings = settings
-        self.engine = engine
+        self.metrics = Metrics()
+        self.engine = MeteredEngine(engine, self.metrics)
+        self.storage = Storage(settings.data_dir)
+        self.server_settings = ServerSettings(settings, self.storage)
         self.tree = app_commands.CommandTree(self)
         self.exit_code = 0
         self._engine_task: asyncio.Task[None] | None = None
@@ -52,7 +61,15 @@ class SeeBot(discord.Client):
         self.images = ImageFetcher(
             ImageLimits.from_settings(settings), hosts=MediaHosts(settings.api_base_url)
         )
-        self.responder = Responder(settings, engine, self.images, on_engine_closed=self._engine_stopped)
+        self.responder = Responder(
+            settings,
+            self.engine,
+            self.images,
+            on_engine_closed=self._engine_stopped,
+            server_settings=self.server_settings,
+            quotas=DailyQuotas(self.storage, self.server_settings),
+            metrics=self.metrics,
+        )
         self.triggers = MessageTriggers(self, self.responder)
         self._closed: asyncio.Future[None] | None = None
 
@@ -63,10 +80,13 @@ class SeeBot(discord.Client):
     async def setup_hook(self) -> None:
         if self.settings.api_base_url:
             await use_gateway_of_api(self)
+        await self.storage.open()
+        await self.server_settings.load()
         # The model loads on the engine's worker thread while the gateway connects.
         self._engine_task = asyncio.create_task(self._start_engine(), name="engine-start")
         register_commands(self.tree, self.responder)
         register_context_menus(self.tree, self.responder)
+        register_admin_commands(self.tree, self.server_settings, self.settings)
         self.tree.on_error = self.responder.on_command_error
         guild = discord.Object(self.settings.dev_guild_id) if self.settings.dev_guild_id else None
         if guild is not None:
@@ -122,6 +142,15 @@ class SeeBot(discord.Client):
                 self._engine_task.cancel()
             await self.images.close()
             await self.engine.close()
+            await self.storage.close()
+
+    def health_problem(self) -> str | None:
+        """Why the bot cannot answer now (for /healthz), or None when it can."""
+        if self.shutting_down:
+            return "the bot is shutting down"
+        if self.engine.state != "ready":
+            return ENGINE_PROBLEMS[self.engine.state]
+        return gateway_problem(self)
 
     async def on_ready(self) -> None:
         assert self.user is not None

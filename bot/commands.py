@@ -30,7 +30,7 @@ def register_commands(tree: app_commands.CommandTree, responder: Responder) -> N
     @app_commands.describe(image="The image or PDF to read")
     async def ocr(interaction: discord.Interaction, image: discord.Attachment) -> None:
         await responder.respond_to_interaction(
-            interaction, responder.settings.ocr_prompt, [image], read_text=True
+            interaction, responder.prompt(interaction.guild_id, "ocr"), [image], read_text=True
         )
 
     @tree.command(name="compare", description="Compare two images")
@@ -46,5 +46,5 @@ def register_commands(tree: app_commands.CommandTree, responder: Responder) -> N
         question: app_commands.Range[str, 1, 2000] | None = None,
     ) -> None:
         await responder.respond_to_interaction(
-            interaction, question or responder.settings.compare_prompt, [image1, image2]
+            interaction, question or responder.prompt(interaction.guild_id, "compare"), [image1, image2]
         )

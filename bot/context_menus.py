@@ -15,7 +15,6 @@ import discord
 from discord import app_commands
 
 from . import texts
-from .access import is_allowed
 from .answering import unexpected_error_notice
 from .media_urls import MediaHosts
 from .responder import Responder
@@ -71,14 +70,14 @@ def register_context_menus(tree: app_commands.CommandTree, responder: Responder)
         )
 
     async def describe(interaction: discord.Interaction, message: discord.Message) -> None:
-        await answer(interaction, message, responder.settings.describe_prompt)
+        await answer(interaction, message, responder.prompt(interaction.guild_id, "describe"))
 
     async def read_text(interaction: discord.Interaction, message: discord.Message) -> None:
-        await answer(interaction, message, responder.settings.ocr_prompt, read_text=True)
+        await answer(interaction, message, responder.prompt(interaction.guild_id, "ocr"), read_text=True)
 
     async def ask(interaction: discord.Interaction, message: discord.Message) -> None:
         media = message_media(message, responder.images.hosts or MediaHosts())
-        allowed = is_allowed(responder.settings, interaction.user, interaction.channel, interaction.guild)
+        allowed = responder.allowed(interaction.user, interaction.channel, interaction.guild)
         if responder.shutting_down or not allowed or not media.sources:
             # The refusal the answer would give, now rather than after the question is typed.
             await answer(interaction, message, "")

@@ -15,7 +15,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import Awaitable, Callable, Iterator, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Sequence
 
 import discord
 from discord import app_commands
@@ -29,9 +29,12 @@ from .discord_calls import DISCORD_FAILURES, channel_gone, describe, reply_refer
 from .images import AttachmentLike, ImageFetcher, ImageProblem
 from .interactions import InteractionRoute, command_name
 from .limits import Refused, RequestGate
+from .metrics import Metrics
 from .questions import Question, Questions
+from .quotas import DailyQuotas
 from .reading import PageByPage, RecordingSend, attach_text_file, headings_for, text_file_name
 from .replies import EditableMessage, SendMessage
+from .server_settings import PromptUse, ServerSettings
 from .settings import BotSettings
 
 log = logging.getLogger(__name__)
@@ -39,7 +42,9 @@ log = logging.getLogger(__name__)
 
 class Responder:
     """Answers questions; one per bot. ``on_engine_closed`` is called when the model worker
-    stopped for good (the bot then shuts down, for its supervisor to restart it)."""
+    stopped for good (the bot then shuts down, for its supervisor to restart it). Each
+    server's own settings (``/seebot``) choose its channels and prompts; its daily quota is
+    taken at the gate; ``metrics`` counts every question by how it ended."""
 
     def __init__(
         self,
@@ -48,10 +53,16 @@ class Responder:
         images: ImageFetcher,
         *,
         on_engine_closed: Callable[[], None],
+        server_settings: ServerSettings,
+        quotas: DailyQuotas,
+        metrics: Metrics,
     ) -> None:
         self.settings = settings
         self.engine = engine
         self.images = images
+        self.server_settings = server_settings
+        self.quotas = quotas
+        self.metrics = metrics
         self.gate = RequestGate(settings)
         self.questions = Questions()
         self.engine_ready = asyncio.Event()  # set once the model is loaded and warmed up
@@ -73,6 +84,27 @@ class Responder:
             task.cancel()
         if running:
             await asyncio.wait(running, timeout=grace_seconds)
+
+    def allowed(self, user: discord.abc.User, channel: object, guild: discord.Guild | None) -> bool:
+        """The environment's access lists, then the server's own channel list (`/seebot channels`)."""
+        return is_allowed(self.settings, user, channel, guild) and self.server_settings.answers_in(
+            guild and guild.id, channel
+        )
+
+    def prompt(self, guild_id: int | None, use: PromptUse) -> str:
+        """The server's prompt for /ocr ("ocr"), images without a question ("describe") or
+        /compare without one ("compare"), else the environment's."""
+        return self.server_settings.prompt(guild_id, use)
+
+    @contextlib.asynccontextmanager
+    async def admitted(
+        self, kind: str, user: discord.abc.User, guild_id: int | None, *, moderator: bool
+    ) -> AsyncIterator[None]:
+        """The gate: a place in line (or `Refused`), today's quota taken (moderators are not
+        counted), the request tracked for a shutdown, and the question counted by its outcome."""
+        with self.metrics.question(kind), self.gate.admit(user.id), self.tracked():
+            await self.quotas.take(guild_id, user.id, moderator=moderator)
+            yield
 
     @contextlib.contextmanager
     def tracked(self) -> Iterator[None]:
@@ -210,8 +242,9 @@ class Responder:
         if self.shutting_down:
             await interaction.response.send_message(notice(texts.CUT_OFF), ephemeral=True)
             return
-        if not is_allowed(self.settings, interaction.user, interaction.channel, interaction.guild):
+        if not self.allowed(interaction.user, interaction.channel, interaction.guild):
             log.info("refused /%s from user %s: not allowed here", name, interaction.user.id)
+            self.metrics.count(name, "refused")
             await interaction.response.send_message(notice(texts.NOT_ALLOWED), ephemeral=True)
             return
         if not attachments:  # a message with nothing that can be an image: say so privately
@@ -238,8 +271,9 @@ class Responder:
         notices: Sequence[str],
     ) -> None:
         interaction = route.interaction
+        moderator = interaction.guild_id is not None and interaction.permissions.manage_messages
         try:
-            with self.gate.admit(interaction.user.id), self.tracked():
+            async with self.admitted(route.name, interaction.user, interaction.guild_id, moderator=moderator):
                 await route.acknowledge()
                 await self._interaction_answer(
                     asked, route, question, attachments, strict=strict, read_text=read_text, notices=notices

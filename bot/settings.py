@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 from collections.abc import Mapping
 from dataclasses import dataclass, field
+from pathlib import Path
 
 from inference.settings import InferenceSettings, SettingsError, env_float, env_int, env_str
 
@@ -15,6 +16,7 @@ OCR_PROMPT = (
 # The cookbook's wording, kept as is: it is what the model was shown during fine-tuning demos.
 COMPARE_PROMPT = "What is difference in this two images?"
 DESCRIBE_PROMPT = "Describe this image in detail."
+DEFAULT_DATA_DIR = Path("~/.local/share/seebot").expanduser()
 
 
 def env_ids(env: Mapping[str, str], name: str) -> frozenset[int]:
@@ -82,6 +84,11 @@ class BotSettings:
     # PDFs (bot/pdf.py): pages read per PDF (each one image), bytes per PDF.
     max_pdf_pages: int = 4
     max_pdf_bytes: int = 20 * 1024 * 1024
+    # Operating it (bot/storage.py, bot/quotas.py, bot/ops_server.py).
+    data_dir: Path = DEFAULT_DATA_DIR
+    daily_questions_per_user: int = 0
+    metrics_port: int | None = None
+    metrics_host: str = "127.0.0.1"
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> BotSettings:
@@ -120,4 +127,8 @@ class BotSettings:
             ),
             max_pdf_pages=env_int(env, "MAX_PDF_PAGES", 4, minimum=1) or 4,
             max_pdf_bytes=env_int(env, "MAX_PDF_BYTES", 20 * 1024 * 1024, minimum=1) or 20 * 1024 * 1024,
+            data_dir=Path(env_str(env, "DATA_DIR", None) or DEFAULT_DATA_DIR).expanduser(),
+            daily_questions_per_user=env_int(env, "DAILY_QUESTIONS_PER_USER", 0, minimum=0) or 0,
+            metrics_port=env_int(env, "METRICS_PORT", None, minimum=1),
+            metrics_host=env_str(env, "METRICS_HOST", "127.0.0.1") or "127.0.0.1",
         )

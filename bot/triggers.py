@@ -17,13 +17,13 @@ import discord
 from inference import Conversation
 
 from . import texts
-from .access import is_allowed
 from .answering import notice, typing_shown
 from .discord_calls import UNKNOWN_MESSAGE, describe, with_retries
 from .history import collect_images, question_text, thread_conversation
 from .images import ImageProblem
 from .limits import Refused
 from .questions import Question
+from .quotas import is_moderator
 from .responder import Responder
 from .sources import wait_for_unfurl
 
@@ -54,19 +54,20 @@ class MessageTriggers:
         mentioned = me in message.mentions
         handle: Handler
         if isinstance(channel, discord.DMChannel):
-            handle = self._in_place
+            handle, kind = self._in_place, "dm"
         elif isinstance(channel, discord.Thread) and channel.owner_id == me.id:
-            handle = self._follow_up  # type: ignore[assignment]
+            handle, kind = self._follow_up, "follow-up"  # type: ignore[assignment]
         elif mentioned and isinstance(channel, discord.Thread):
-            handle = self._in_place
+            handle, kind = self._in_place, "mention"
         elif mentioned:
-            handle = self._in_new_thread
+            handle, kind = self._in_new_thread, "mention"
         else:
             return
-        if not is_allowed(self._responder.settings, message.author, channel, message.guild):
+        if not self._responder.allowed(message.author, channel, message.guild):
             log.info(
                 "ignoring a question from user %s in channel %s: not allowed", message.author.id, channel.id
             )
+            self._responder.metrics.count(kind, "refused")
             return
         # Before any await: a MESSAGE_DELETE handled after this finds the question.
         with self._responder.questions.asked(
@@ -76,12 +77,14 @@ class MessageTriggers:
             async def tell(text: str) -> None:
                 await self._responder.reply_notice(message, text, question)
 
-            await self._responder.run(question, self._take(question, message, handle), tell)
+            await self._responder.run(question, self._take(question, message, handle, kind), tell)
 
-    async def _take(self, question: Question, message: discord.Message, handle: Handler) -> None:
+    async def _take(self, question: Question, message: discord.Message, handle: Handler, kind: str) -> None:
         responder = self._responder
+        guild_id = message.guild.id if message.guild else None
+        moderator = is_moderator(message.author, message.channel)
         try:
-            with responder.gate.admit(message.author.id), responder.tracked():
+            async with responder.admitted(kind, message.author, guild_id, moderator=moderator):
                 await wait_for_unfurl(self._client, message)  # a pasted link's embed, at most 2 s
                 await handle(question, message, message.channel)
         except Refused as refusal:
@@ -132,14 +135,14 @@ class MessageTriggers:
                 question.channel_id = thread.id
                 await self._responder.respond_in(
                     question,
-                    Conversation.single(text or self._default_question, images),
+                    Conversation.single(text or self._describe_prompt(message.guild), images),
                     thread,
                     notices=collected.notices,
                 )
                 return
         await self._responder.respond_in(
             question,
-            Conversation.single(text or self._default_question, images),
+            Conversation.single(text or self._describe_prompt(message.guild), images),
             message.channel,
             reference=message,
             notices=collected.notices,
@@ -154,7 +157,7 @@ class MessageTriggers:
         if not text and not images:
             await self._no_question(question, message, collected.notices)
             return
-        conversation = Conversation.single(text or self._default_question, images)
+        conversation = Conversation.single(text or self._describe_prompt(message.guild), images)
         await self._responder.respond_in(
             question, conversation, channel, reference=message, notices=collected.notices
         )
@@ -169,7 +172,7 @@ class MessageTriggers:
             rebuilt = await thread_conversation(
                 thread,
                 me,
-                self._default_question,
+                self._describe_prompt(thread.guild),
                 self._responder.images,
                 kind_of=questions.kind_of,
                 up_to=message.id,
@@ -188,6 +191,6 @@ class MessageTriggers:
         assert self._client.user is not None
         return self._client.user.id
 
-    @property
-    def _default_question(self) -> str:
-        return self._responder.settings.describe_prompt
+    def _describe_prompt(self, guild: discord.Guild | None) -> str:
+        """The question for images sent without one: the server's describe prompt."""
+        return self._responder.prompt(guild and guild.id, "describe")

@@ -50,29 +50,50 @@ def bot_env(fake: FakeDiscord, model_dir: Path) -> dict[str, str]:
 
 
 async def start_bot(
-    fake: FakeDiscord, model_dir: Path, workdir: Path, *, wait_for_model: bool = True, **settings: str
+    fake: FakeDiscord,
+    model_dir: Path,
+    workdir: Path,
+    *,
+    wait_for_model: bool = True,
+    module: str = "bot",
+    **settings: str,
 ) -> RunningBot:
     """The bot with the tiny model, `settings` added to its environment; returns once it has
     connected and registered its slash commands and (``wait_for_model``) shows itself online,
-    which it does once the model is loaded and warmed up."""
+    which it does once the model is loaded and warmed up. ``module``: what `python -m` runs
+    (``tests.clocked_bot``: the bot with a clock the test sets). Without ``wait_for_model``, a
+    bot that exits before it is seen connected (a model that fails at once) is returned too,
+    for the test to check its exit code; with it, that is an error that quotes the log."""
     log_path = workdir / "bot.log"
     with log_path.open("wb") as log_file:
         process = await asyncio.create_subprocess_exec(
             sys.executable,
             "-m",
-            "bot",
+            module,
             cwd=workdir,
-            env={**bot_env(fake, model_dir), **settings},
+            env={**bot_env(fake, model_dir), "DATA_DIR": str(workdir / "seebot-data"), **settings},
             stdin=subprocess.DEVNULL,
             stdout=log_file,
             stderr=subprocess.STDOUT,
         )
-    await fake.wait_until_ready(timeout=60, commands=["ask", "ocr", "compare"])
+    bot = RunningBot(process, log_path, fake.token)
+    connected = asyncio.ensure_future(fake.wait_until_ready(timeout=60, commands=["ask", "ocr", "compare"]))
+    exited = asyncio.ensure_future(process.wait())
+    await asyncio.wait({connected, exited}, return_when=asyncio.FIRST_COMPLETED)
+    if not connected.done():
+        connected.cancel()
+        if wait_for_model:
+            raise AssertionError(
+                f"the bot exited ({process.returncode}) before connecting:\n{bot.log[-3000:]}"
+            )
+        return bot
+    exited.cancel()
+    connected.result()
     if wait_for_model:
         await fake.wait_for(
             lambda: fake.bot_presence.get("status") == "online", 60, description="the model to be ready"
         )
-    return RunningBot(process, log_path, fake.token)
+    return bot
 
 
 async def stop(bot: RunningBot) -> None:

@@ -145,6 +145,8 @@ MAX_CUSTOM_ID = 100
 MAX_BUTTON_LABEL = 80
 
 # Permission bits for member permissions in interactions.
+ADMINISTRATOR = 1 << 3
+MANAGE_GUILD = 1 << 5
 MANAGE_MESSAGES = 1 << 13
 #: What a plain member of a new guild may do (@everyone's defaults): read, write, react, attach,
 #: embed, use external emojis and application commands, threads, voice; no Manage Messages.
@@ -169,10 +171,13 @@ MEMBER_PERMISSIONS = (
 )
 
 # Application command option types, for inferring a type from a Python value.
+OPT_SUB_COMMAND = 1
+OPT_SUB_COMMAND_GROUP = 2
 OPT_STRING = 3
 OPT_INTEGER = 4
 OPT_BOOLEAN = 5
 OPT_USER = 6
+OPT_CHANNEL = 7
 OPT_NUMBER = 10
 OPT_ATTACHMENT = 11
 
@@ -546,6 +551,8 @@ class FakeDiscord:
         self.message_writes: list[MessageWrite] = []
         self.interactions: dict[int, InteractionRecord] = {}
         self.commands: dict[int | None, list[JSON]] = {}  # None: global; else guild id
+        # Server Settings > Integrations: (command name, user id) -> allowed, over default_member_permissions.
+        self.command_overrides: dict[tuple[str, int], bool] = {}
 
         # The world.
         self.application_id = self._snowflake()
@@ -577,7 +584,7 @@ class FakeDiscord:
             {
                 "id": str(self.guild_id),
                 "name": "@everyone",
-                "permissions": ALL_PERMISSIONS,
+                "permissions": str(MEMBER_PERMISSIONS),
                 "position": 0,
                 "color": 0,
                 "colors": {"primary_color": 0, "secondary_color": None, "tertiary_color": None},
@@ -595,6 +602,7 @@ class FakeDiscord:
                 **self._roles[0],
                 "id": str(self.bot_role_id),
                 "name": "SeeBot",
+                "permissions": ALL_PERMISSIONS,
                 "position": 1,
                 "managed": True,
                 "tags": {"bot_id": self.bot_user["id"]},
@@ -717,11 +725,13 @@ class FakeDiscord:
         self._channel_messages[int(channel["id"])] = []
         return channel
 
-    async def add_user(self, username: str, *, bot: bool = False, member: bool = True) -> JSON:
-        """Create a user (a guild member unless ``member=False``) and announce the join."""
+    async def add_user(
+        self, username: str, *, bot: bool = False, member: bool = True, roles: Sequence[int] = ()
+    ) -> JSON:
+        """Create a user (a guild member with ``roles`` unless ``member=False``) and announce the join."""
         user = self._new_user(username, bot=bot)
         if member:
-            self._add_member(user)
+            self._add_member(user, roles=roles)
             await self._dispatch_all(
                 "GUILD_MEMBER_ADD",
                 {**self._member_payload(int(user["id"])), "guild_id": str(self.guild_id)},
@@ -729,6 +739,44 @@ class FakeDiscord:
             )
         self._changed()
         return user
+
+    async def add_role(self, name: str, permissions: int) -> int:
+        """A guild role with these permission bits (e.g. a "Moderator" with Manage Messages),
+        announced with GUILD_ROLE_CREATE; give it with ``add_user(..., roles=[id])``. Returns its id."""
+        role_id = self._snowflake()
+        self._roles.append(
+            {
+                **self._roles[0],
+                "id": str(role_id),
+                "name": name,
+                "permissions": str(permissions),
+                "position": len(self._roles),
+            }
+        )
+        role = copy.deepcopy(self._roles[-1])
+        await self._dispatch_all(
+            "GUILD_ROLE_CREATE", {"guild_id": str(self.guild_id), "role": role}, intent=INTENT_GUILDS
+        )
+        self._changed()
+        return role_id
+
+    def member_permissions(self, user: UserLike) -> int:
+        """A member's guild-wide permissions as Discord computes them (no channel overwrites here):
+        the owner and administrators have all; else @everyone's and their roles' bits together."""
+        user_id = int(self._resolve_user(user)["id"])
+        if user_id == int(self.alice["id"]):
+            return int(ALL_PERMISSIONS)
+        roles = {str(self.guild_id), *self._members[user_id]["roles"]}
+        bits = 0
+        for role in self._roles:
+            if role["id"] in roles:
+                bits |= int(role["permissions"])
+        return int(ALL_PERMISSIONS) if bits & ADMINISTRATOR else bits
+
+    def allow_command(self, name: str, user: UserLike, allowed: bool = True) -> None:
+        """What an admin does in Server Settings > Integrations: let ``user`` use (or not) the
+        command ``name`` whatever its ``default_member_permissions`` say."""
+        self.command_overrides[(name, int(self._resolve_user(user)["id"]))] = allowed
 
     async def add_text_channel(self, name: str) -> JSON:
         """Create a guild text channel and dispatch CHANNEL_CREATE."""
@@ -781,7 +829,7 @@ class FakeDiscord:
         if with_user:
             member["user"] = copy.deepcopy(self._users[user_id])
         if permissions:
-            member["permissions"] = ALL_PERMISSIONS
+            member["permissions"] = str(self.member_permissions(user_id))
         return member
 
     def _guild_payload(self, *, full: bool) -> JSON:
@@ -1391,21 +1439,37 @@ class FakeDiscord:
         attachments: Mapping[str, AttachmentSpec] | None = None,
         *,
         locale: str = "en-US",
+        permissions: int | None = None,
     ) -> InteractionRecord:
         """A user runs a slash command the bot registered; dispatches INTERACTION_CREATE.
 
-        ``options``: name -> value (str, int, float, bool, or a user for user options);
+        ``name`` may name a subcommand: ``"seebot channels add"`` (command, group,
+        subcommand), sent as nested options of types 2 and 1, as Discord does.
+        ``options``: name -> value (str, int, float, bool, a user for user options, a
+        channel id for channel options, which land in ``resolved.channels``);
         ``attachments``: option name -> (filename, bytes, content type). Types come from
-        the registered command's definition. Raises ``LookupError`` for an unregistered
-        command and ``ValueError`` for unknown or missing required options, which are
-        mistakes in the test, not in the bot. Returns the record (id, token, later the
-        bot's response) kept in :attr:`interactions`.
+        the registered command's definition; choices, lengths and ranges are checked as
+        Discord's client does. In a guild the invoker is a ``member`` whose
+        ``permissions`` are ``permissions`` if given, else :meth:`member_permissions`; a
+        command with ``default_member_permissions`` the member lacks is not offered to
+        them (``PermissionError``) unless :meth:`allow_command` let them; a command with
+        ``dm_permission`` false does not exist in DMs. Raises ``LookupError`` for an
+        unregistered command and ``ValueError`` for unknown or missing required options,
+        which are mistakes in the test, not in the bot. Returns the record (id, token,
+        later the bot's response) kept in :attr:`interactions`.
         """
         invoker = self._resolve_user(user)
         self._check_can_post(invoker, channel_id)
         in_guild = self._is_guild_channel(channel_id)
-        command, scope = self._find_command(name, in_guild)
-        definitions = {o["name"]: o for o in command.get("options", [])}
+        path = name.split()
+        command, scope = self._find_command(path[0], in_guild)
+        if not in_guild and command.get("dm_permission") is False:
+            raise LookupError(f"/{path[0]} is not available in DMs (dm_permission false)")
+        granted = self.member_permissions(invoker) if permissions is None else permissions
+        if in_guild:
+            self._check_may_use(command, invoker, granted)
+        chain, leaf_options = self._subcommand_chain(command, path)
+        definitions = {o["name"]: o for o in leaf_options}
         given = dict(options or {})
         given_files = dict(attachments or {})
         unknown = (set(given) | set(given_files)) - set(definitions)
@@ -1431,6 +1495,8 @@ class FakeDiscord:
                 option_payloads.append(
                     self._option_payload(definitions[option_name], given[option_name], resolved)
                 )
+        for level in reversed(chain):  # wrap in the subcommand, then its group
+            option_payloads = [{"name": level["name"], "type": level["type"], "options": option_payloads}]
 
         data: JSON = {"id": command["id"], "name": command["name"], "type": command.get("type", 1)}
         if option_payloads:
@@ -1449,7 +1515,7 @@ class FakeDiscord:
             "type": 2,
             "data": data,
             "channel_id": str(channel_id),
-            "channel": {**channel, "permissions": ALL_PERMISSIONS},
+            "channel": {**channel, "permissions": str(granted) if in_guild else ALL_PERMISSIONS},
             "token": token,
             "version": 1,
             "app_permissions": ALL_PERMISSIONS,
@@ -1462,7 +1528,7 @@ class FakeDiscord:
                 guild_id=str(self.guild_id),
                 guild={"id": str(self.guild_id), "locale": "en-US", "features": []},
                 guild_locale="en-US",
-                member=self._member_payload(int(invoker["id"]), permissions=True),
+                member={**self._member_payload(int(invoker["id"])), "permissions": str(granted)},
                 authorizing_integration_owners={"0": str(self.guild_id)},
                 context=0,
             )
@@ -1603,6 +1669,56 @@ class FakeDiscord:
         registered = {str(scope): [c["name"] for c in cmds] for scope, cmds in self.commands.items()}
         raise LookupError(f"the bot has not registered /{name} (registered: {registered or 'nothing'})")
 
+    def _check_may_use(self, command: JSON, invoker: JSON, granted: int) -> None:
+        """Discord offers a command to members who hold all its default_member_permissions
+        (administrators always), unless the server's Integrations settings say otherwise."""
+        override = self.command_overrides.get((command["name"], int(invoker["id"])))
+        default = command.get("default_member_permissions")  # None: everyone; "0": administrators only
+        required = int(default or 0)
+        if override is not None:
+            allowed = override
+        elif granted & ADMINISTRATOR or default is None:
+            allowed = True
+        else:
+            allowed = default != "0" and granted & required == required
+        if not allowed:
+            raise PermissionError(
+                f"Discord does not offer /{command['name']} to {invoker['username']}: it needs "
+                f"permissions {required} (see allow_command)"
+            )
+
+    def _subcommand_chain(self, command: JSON, path: Sequence[str]) -> tuple[list[JSON], list[JSON]]:
+        """The group/subcommand definitions ``path[1:]`` names, and the leaf's own options."""
+        chain: list[JSON] = []
+        options = command.get("options") or []
+        for part in path[1:]:
+            subcommands = [o for o in options if o["type"] in (OPT_SUB_COMMAND, OPT_SUB_COMMAND_GROUP)]
+            level = next((o for o in subcommands if o["name"] == part), None)
+            if level is None:
+                have = [o["name"] for o in subcommands]
+                raise LookupError(f"/{' '.join(path)}: no subcommand {part!r} (there are {have})")
+            chain.append(level)
+            options = level.get("options") or []
+        if any(o["type"] in (OPT_SUB_COMMAND, OPT_SUB_COMMAND_GROUP) for o in options):
+            raise ValueError(f"/{' '.join(path)} is a group: name one of its subcommands")
+        return chain, options
+
+    def _check_option_value(self, definition: JSON, kind: int, value: Any) -> None:
+        """What Discord's client refuses to send: a value not among the choices, out of range."""
+        name = definition["name"]
+        choices = definition.get("choices")
+        if choices and value not in [c["value"] for c in choices]:
+            raise ValueError(f"option {name!r} must be one of {[c['value'] for c in choices]}, got {value!r}")
+        if kind == OPT_STRING:
+            if not isinstance(value, str):
+                raise ValueError(f"option {name!r} takes a string, got {value!r}")
+            if not definition.get("min_length", 0) <= len(value) <= definition.get("max_length", 6000):
+                raise ValueError(f"option {name!r}: {len(value)} characters is out of its length range")
+        if kind in (OPT_INTEGER, OPT_NUMBER):
+            low, high = definition.get("min_value"), definition.get("max_value")
+            if (low is not None and value < low) or (high is not None and value > high):
+                raise ValueError(f"option {name!r}: {value} is out of its range [{low}, {high}]")
+
     def _option_payload(self, definition: JSON, value: Any, resolved: JSON) -> JSON:
         kind = definition.get("type")
         if kind is None:
@@ -1622,6 +1738,26 @@ class FakeDiscord:
                     int(user["id"]), with_user=False, permissions=True
                 )
             value = user["id"]
+        elif kind == OPT_CHANNEL:
+            channel_id = int(value)
+            if not self._is_guild_channel(channel_id):
+                raise ValueError(f"option {definition['name']!r}: no channel {channel_id} in the guild")
+            channel = self._channel_payload(channel_id)
+            allowed_types = definition.get("channel_types")
+            if allowed_types and channel["type"] not in allowed_types:
+                raise ValueError(f"option {definition['name']!r} takes channels of types {allowed_types}")
+            partial: JSON = {
+                "id": str(channel_id),
+                "name": channel["name"],
+                "type": channel["type"],
+                "permissions": ALL_PERMISSIONS,
+            }
+            if channel["type"] in THREAD_TYPES:
+                partial.update(parent_id=channel["parent_id"], thread_metadata=channel["thread_metadata"])
+            resolved.setdefault("channels", {})[str(channel_id)] = partial
+            value = str(channel_id)
+        else:
+            self._check_option_value(definition, kind, value)
         return {"name": definition["name"], "type": kind, "value": value}
 
     # ------------------------------------------------------------------ messages (shared)
@@ -2161,6 +2297,8 @@ class FakeDiscord:
             "application_id": str(self.application_id),
             "version": str(self._snowflake()),
         }
+        if stored["default_member_permissions"] is not None:  # a bit set as a string, as Discord returns it
+            stored["default_member_permissions"] = str(int(stored["default_member_permissions"]))
         if scope is not None:
             stored["guild_id"] = str(scope)
         return stored

@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import io
 from collections.abc import AsyncIterator
+from typing import Literal
 
 import discord
 import pytest
@@ -19,6 +20,7 @@ from discord.gateway import DiscordWebSocket
 from PIL import Image
 
 from tests.fake_discord import (
+    MANAGE_GUILD,
     MANAGE_MESSAGES,
     MEMBER_PERMISSIONS,
     FakeDiscord,
@@ -378,3 +380,71 @@ async def test_buttons_on_a_view(fake: FakeDiscord, client: SmokeClient) -> None
     assert not view.errors
     with pytest.raises(LookupError):
         await fake.click_button("alice", sent.id, "cancel")
+
+
+async def test_command_groups_channel_options_and_default_member_permissions(
+    fake: FakeDiscord, client: SmokeClient
+) -> None:
+    seen: list[tuple[str, int, bool, bool]] = []
+    group = app_commands.Group(
+        name="admin",
+        description="d",
+        default_permissions=discord.Permissions(manage_guild=True),
+        guild_only=True,
+    )
+    sub = app_commands.Group(name="channels", description="d", parent=group)
+
+    @sub.command(name="add", description="d")
+    async def add(interaction: discord.Interaction, channel: discord.TextChannel) -> None:
+        perms = interaction.permissions
+        seen.append(("add", channel.id, perms.manage_guild, perms.manage_messages))
+        await interaction.response.send_message(f"added {channel.name}", ephemeral=True)
+
+    @group.command(name="pick", description="d")
+    async def pick(
+        interaction: discord.Interaction,
+        use: Literal["a", "b"],
+        text: app_commands.Range[str, 1, 5] | None = None,
+    ) -> None:
+        seen.append((f"pick {use} {text}", 0, interaction.permissions.manage_guild, False))
+        await interaction.response.send_message("ok", ephemeral=True)
+
+    client.tree.add_command(group)
+    await client.tree.sync()
+    [stored] = [c for c in fake.commands[None] if c["name"] == "admin"]
+    assert stored["default_member_permissions"] == str(MANAGE_GUILD) and stored["dm_permission"] is False
+
+    channel = int((await fake.add_text_channel("extra"))["id"])
+    record = await fake.invoke_command("alice", fake.general_id, "admin channels add", {"channel": channel})
+    await fake.wait_for(lambda: record.responded)
+    assert record.payload["data"]["options"][0]["options"][0]["options"][0] == {
+        "name": "channel",
+        "type": 7,
+        "value": str(channel),
+    }
+    assert fake.message(record.original_message_id or 0)["flags"] & 64
+    assert seen == [("add", channel, True, True)]
+
+    # bob is a plain member: Discord does not offer him the group, unless the server says so.
+    with pytest.raises(PermissionError):
+        await fake.invoke_command("bob", fake.general_id, "admin pick", {"use": "a"})
+    fake.allow_command("admin", "bob")
+    record = await fake.invoke_command("bob", fake.general_id, "admin pick", {"use": "b", "text": "hi"})
+    await fake.wait_for(lambda: record.responded)
+    assert seen[-1] == ("pick b hi", 0, False, False)
+    assert int(record.payload["member"]["permissions"]) == MEMBER_PERMISSIONS
+
+    moderator = await fake.add_role("Moderator", MEMBER_PERMISSIONS | MANAGE_MESSAGES | MANAGE_GUILD)
+    carol = await fake.add_user("carol", roles=[moderator])
+    record = await fake.invoke_command(carol, fake.general_id, "admin channels add", {"channel": channel})
+    await fake.wait_for(lambda: record.responded)
+    assert seen[-1] == ("add", channel, True, True)
+
+    with pytest.raises(ValueError, match="one of"):
+        await fake.invoke_command("alice", fake.general_id, "admin pick", {"use": "c"})
+    with pytest.raises(ValueError, match="length"):
+        await fake.invoke_command("alice", fake.general_id, "admin pick", {"use": "a", "text": "too long"})
+    with pytest.raises(ValueError, match="a group"):
+        await fake.invoke_command("alice", fake.general_id, "admin channels")
+    with pytest.raises(LookupError, match="not available in DMs"):
+        await fake.invoke_command("bob", await fake.open_dm("bob"), "admin pick", {"use": "a"})
