@@ -57,6 +57,9 @@ class SeeBot(discord.Client):
         self.tree = app_commands.CommandTree(self)
         self.exit_code = 0
         self._engine_task: asyncio.Task[None] | None = None
+        # Set when setup_hook ends: a model that fails at once must not close the HTTP session
+        # under the command sync still running there.
+        self._set_up = asyncio.Event()
         self._stopping: asyncio.Task[None] | None = None
         self.images = ImageFetcher(
             ImageLimits.from_settings(settings), hosts=MediaHosts(settings.api_base_url)
@@ -78,6 +81,12 @@ class SeeBot(discord.Client):
         return self.responder.shutting_down
 
     async def setup_hook(self) -> None:
+        try:
+            await self._set_up_everything()
+        finally:
+            self._set_up.set()
+
+    async def _set_up_everything(self) -> None:
         if self.settings.api_base_url:
             await use_gateway_of_api(self)
         await self.storage.open()
@@ -99,17 +108,20 @@ class SeeBot(discord.Client):
             await self.engine.start()
         except EngineError as error:  # a clear one-line reason: a bad MODEL_ID, no server...
             log.error("the model could not be started, stopping: %s", error)
-            self.exit_code = 1
-            await self.close()
+            await self._stop_after_setup()
             return
         except Exception:
             log.exception("the model could not be started; stopping")
-            self.exit_code = 1
-            await self.close()
+            await self._stop_after_setup()
             return
         log.info("model loaded; answering questions")
         self.responder.engine_ready.set()
         await self._show_online()
+
+    async def _stop_after_setup(self) -> None:
+        self.exit_code = 1
+        await self._set_up.wait()
+        await self.close()
 
     async def _show_online(self) -> None:
         """Online, without the "starting up" status: now, and in every later IDENTIFY."""

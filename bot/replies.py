@@ -95,9 +95,7 @@ class StreamingReply:
                     continue
                 started = time.monotonic()
                 try:
-                    # Shielded: a Cancel that lands inside discord.py's rate limiter would
-                    # leave the route's bucket shut for 30 s (the final update then waits).
-                    called = await asyncio.shield(self._show())
+                    called = await self._show()
                 except DISCORD_FAILURES as error:
                     if channel_gone(error):
                         raise

@@ -30,6 +30,7 @@ import collections
 import copy
 import dataclasses
 import datetime
+import hashlib
 import io
 import json
 import logging
@@ -2075,6 +2076,8 @@ class FakeDiscord:
             log.exception("fake Discord failed on %s %s", request.method, path)
             # 503, not 500: discord.py retries 500/502/504 with sleeps, which would only hide this.
             response = _json_response({"message": f"fake Discord error: {exc!r}", "code": 0}, status=503)
+        if response.status < 400:
+            _rate_limit_headers(request, response)
         record.status = response.status
         self._changed()
         return response
@@ -2925,6 +2928,26 @@ class FakeDiscord:
     def attachment_data(self, attachment: Mapping[str, Any]) -> bytes:
         """The bytes of an attachment (one the bot uploaded, too) as the CDN serves them."""
         return self._cdn_files[int(attachment["id"])][0]
+
+
+def _rate_limit_headers(request: web.Request, response: web.StreamResponse) -> None:
+    """What Discord puts on every API response: the route's bucket and what is left of it.
+
+    Without them discord.py assumes one request at a time per route with no known reset; a
+    request cancelled while it refreshes that guess then holds the next request on the route
+    for its 30-second fallback. The fake never limits (see ``fail_next`` for 429s), so it
+    always says 4 of 5 are left, for a second.
+    """
+    if response.prepared:  # a websocket or a streamed body: its headers are gone
+        return
+    route = request.match_info.route.resource
+    template = route.canonical if route is not None else request.path
+    response.headers["X-RateLimit-Limit"] = "5"
+    response.headers["X-RateLimit-Remaining"] = "4"
+    response.headers["X-RateLimit-Reset"] = f"{time.time() + 1:.3f}"
+    response.headers["X-RateLimit-Reset-After"] = "1.000"
+    bucket = hashlib.sha1(f"{request.method} {template}".encode()).hexdigest()[:16]
+    response.headers["X-RateLimit-Bucket"] = bucket
 
 
 def _guess_type(upload: UploadedFile) -> str:

@@ -204,9 +204,19 @@ def samples(text: str) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
 
 
 async def test_metrics_count_the_questions_and_health_is_ok(ops: Ops) -> None:
-    status, text = await scrape(ops.metrics_port, "/metrics")
-    assert status == 200
-    values = samples(text)
+    # A question is counted once its answer's last write returns, a moment after the user
+    # sees it: read until the earlier tests' last answer is in (bounded, no fixed sleep).
+    deadline = asyncio.get_running_loop().time() + 30
+    while True:
+        status, text = await scrape(ops.metrics_port, "/metrics")
+        assert status == 200
+        values = samples(text)
+        settled = values.get(("seebot_queue_length", ())) == 0 and values.get(
+            ("seebot_questions_total", (("kind", "mention"), ("outcome", "answered"))), 0
+        ) >= 8
+        if settled or asyncio.get_running_loop().time() > deadline:
+            break
+        await asyncio.sleep(0.1)
 
     def questions(kind: str, outcome: str) -> float:
         return values[("seebot_questions_total", (("kind", kind), ("outcome", outcome)))]
