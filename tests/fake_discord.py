@@ -1547,11 +1547,7 @@ class FakeDiscord:
             payload=payload,
             created_at=time.monotonic(),
         )
-        self.interactions[interaction_id] = record
-        self._interactions_by_token[token] = record
-        await self._dispatch_all("INTERACTION_CREATE", copy.deepcopy(payload))
-        self._changed()
-        return record
+        return await self._deliver_interaction(record)
 
     async def click_button(
         self,
@@ -1654,9 +1650,13 @@ class FakeDiscord:
             custom_id=custom_id,
             component_message_id=message_id,
         )
-        self.interactions[interaction_id] = record
-        self._interactions_by_token[token] = record
-        await self._dispatch_all("INTERACTION_CREATE", copy.deepcopy(payload))
+        return await self._deliver_interaction(record)
+
+    async def _deliver_interaction(self, record: InteractionRecord) -> InteractionRecord:
+        """Keep the interaction (its token answers it) and send it as INTERACTION_CREATE."""
+        self.interactions[record.id] = record
+        self._interactions_by_token[record.token] = record
+        await self._dispatch_all("INTERACTION_CREATE", copy.deepcopy(record.payload))
         self._changed()
         return record
 
@@ -2919,11 +2919,7 @@ class FakeDiscord:
             payload=payload,
             created_at=time.monotonic(),
         )
-        self.interactions[interaction_id] = record
-        self._interactions_by_token[token] = record
-        await self._dispatch_all("INTERACTION_CREATE", copy.deepcopy(payload))
-        self._changed()
-        return record
+        return await self._deliver_interaction(record)
 
     def attachment_data(self, attachment: Mapping[str, Any]) -> bytes:
         """The bytes of an attachment (one the bot uploaded, too) as the CDN serves them."""
