@@ -7,7 +7,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from inference.settings import InferenceSettings, SettingsError, env_float, env_int, env_str
+from inference.settings import InferenceSettings, SettingsError, env_bool, env_float, env_int, env_str
 
 OCR_PROMPT = (
     "Extract all the text in this image exactly as written, keeping the line breaks. "
@@ -26,17 +26,6 @@ def env_ids(env: Mapping[str, str], name: str) -> frozenset[int]:
         return frozenset(int(part) for part in raw)
     except ValueError:
         raise SettingsError(f"{name} must be Discord ids separated by commas, got {env[name]!r}") from None
-
-
-def env_bool(env: Mapping[str, str], name: str, default: bool) -> bool:
-    raw = env.get(name, "").strip().lower()
-    if not raw:
-        return default
-    if raw in ("1", "true", "yes", "on"):
-        return True
-    if raw in ("0", "false", "no", "off"):
-        return False
-    raise SettingsError(f"{name} must be true or false, got {raw!r}")
 
 
 def env_shards(env: Mapping[str, str], name: str) -> int | None:
