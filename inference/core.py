@@ -110,8 +110,6 @@ class EngineCore:
         )
         self.stops = frozenset(loaded.stop_token_ids)
         self.pad_id = padding_id(loaded.tokenizer)
-        original = getattr(config, "original_max_position_embeddings", None)
-        self.rope_switch = int(original) if getattr(config, "rope_scaling", None) and original else None
         self._usual_inputs = (
             None if usual_question is None else self.encoder.encode_conversation(usual_question)
         )
@@ -161,7 +159,7 @@ class EngineCore:
             length_bucket=self.length_bucket,
         )
         self.scheduler = Scheduler(
-            slots=slots, slot_length=length, prefill_budget=self.prefill_budget, whole_above=self.rope_switch
+            slots=slots, slot_length=length, prefill_budget=self.prefill_budget
         )
 
     def _usual_shape(self) -> tuple[int, int]:
@@ -420,7 +418,9 @@ class EngineCore:
                     ids = request.prompt["input_ids"][0].tolist()
                     request.steering = self.steering.begin(request.job.request, ids)
                 request.embeds = runner.embed_prompt(request.prompt)
-            logits = runner.prefill(request.slot, request.embeds[chunk.start : chunk.end], chunk.start)
+            logits = runner.prefill(
+                request.slot, request.embeds[chunk.start : chunk.end], chunk.start, request.prompt_length
+            )
             scheduler.prefilled(chunk)
             if not chunk.last:
                 return

@@ -100,9 +100,12 @@ class ModelRunner:
             )
         return embeds[0].to(self.dtype)
 
-    def prefill(self, slot: int, embeds: torch.Tensor, start: int) -> torch.Tensor:
+    def prefill(
+        self, slot: int, embeds: torch.Tensor, start: int, prompt_length: int | None = None
+    ) -> torch.Tensor:
         """Positions ``[start, start + len(embeds))`` of the prompt in ``slot`` (which holds
-        ``start`` positions already); returns the logits after its last position (vocab,)."""
+        ``start`` positions already); returns the logits after its last position (vocab,).
+        ``prompt_length``: the whole prompt's (a chunk's rotary factors are the whole prompt's)."""
         if self.cache.filled(slot) != start:
             raise ValueError(f"slot {slot} holds {self.cache.filled(slot)} positions, not {start}")
         end = start + embeds.shape[0]
@@ -118,6 +121,7 @@ class ModelRunner:
                 slot_cache=self.cache,
                 slot_index=slot,
                 slot_start=start,
+                rope_length=prompt_length,
             ).last_hidden_state
             logits = self.model.lm_head(hidden[0, -1:]).float()[0]
         self.cache.advance(slot, end - start)

@@ -5,9 +5,8 @@ much of its prompt is in the cache, its last token, its sampling, its status); t
 scheduler only moves requests between states and hands out slots. Each step: the requests
 still prefilling get prompt chunks up to a budget of prompt tokens (FIFO), then every
 decoding request decodes one token. With nobody decoding, a prompt is prefilled whole
-(nobody would wait); a prompt past the LongRoPE switch is prefilled whole too, because
-the model picks its rotary factors by the largest position in a forward, which a chunk
-would not reach.
+(nobody would wait). A chunk's rotary factors are its whole prompt's (the runner passes
+the prompt's length), so prompts past the LongRoPE switch are chunked like the others.
 """
 
 from __future__ import annotations
@@ -83,15 +82,13 @@ class Plan:
 class Scheduler:
     """Hands out ``slots`` slots of ``slot_length`` positions; see the module docstring.
 
-    ``prefill_budget``: prompt tokens per step while others decode. ``whole_above``: prompts
-    longer than this are never chunked (the LongRoPE switch; None: no switch).
+    ``prefill_budget``: prompt tokens per step while others decode.
     """
 
-    def __init__(self, *, slots: int, slot_length: int, prefill_budget: int, whole_above: int | None) -> None:
+    def __init__(self, *, slots: int, slot_length: int, prefill_budget: int) -> None:
         self.slots = slots
         self.slot_length = slot_length
         self.prefill_budget = max(1, prefill_budget)
-        self.whole_above = whole_above
         self._free = list(range(slots))
         self._running: list[Request] = []
 
@@ -130,10 +127,7 @@ class Scheduler:
             if request.status is not Status.PREFILLING:
                 continue
             left = request.prompt_length - request.prefilled
-            whole = budget is None or (
-                self.whole_above is not None and request.prompt_length > self.whole_above
-            )
-            if not whole:
+            if budget is not None:
                 if budget <= 0:
                     break
                 left = min(left, budget)

@@ -218,8 +218,10 @@ async def test_one_busy_row_among_sixteen_slots_reads_one_rows_positions(
         assert engine.core.runner.last_decode_shape == (1, prompt + steps - 1)  # type: ignore[attr-defined]
 
 
-async def test_across_the_longrope_switch(longrope_dir: Path) -> None:
-    """Prompts that cross 4,096 positions while decoding, and one already past them."""
+async def test_across_the_longrope_switch(longrope_dir: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """Prompts that cross 4,096 positions while decoding, and one already past them, alone,
+    together, and joining a running answer in chunks."""
+    caplog.set_level(logging.INFO, logger="inference")
     settings = settings_for(
         longrope_dir, max_batch_tokens=4 * 4352, max_new_tokens=24, prefill_chunk_tokens=512
     )
@@ -245,3 +247,12 @@ async def test_across_the_longrope_switch(longrope_dir: Path) -> None:
         assert [await answer(engine, request) for request in asked] == expected
         # Together: a short row beside long ones keeps its own (short) factors.
         assert list(await asyncio.gather(*(answer(engine, request) for request in asked))) == expected
+        # Past the switch, joining a running answer: chunks of 512 whose factors are the whole
+        # prompt's (long), as one forward over the prompt has them.
+        caplog.clear()
+        stream = engine.stream(short)
+        head = await anext(stream)
+        late = asyncio.create_task(answer(engine, past))
+        rest = "".join([piece async for piece in stream])
+        assert [head + rest, await late] == [expected[2], expected[1]]
+        assert "chunks between decode steps" in caplog.text
