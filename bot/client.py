@@ -5,6 +5,7 @@ which hand questions to the responder (``bot/responder.py``)."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 from typing import Any
 
@@ -33,6 +34,8 @@ log = logging.getLogger(__name__)
 
 SHUTDOWN_GRACE_SECONDS = 5.0
 STARTING_UP_STATUS = texts.STARTING_UP_STATUS
+# The start-up status changes at most this often (each change is a gateway presence update).
+START_STATUS_EVERY_SECONDS = 5.0
 
 
 class SeeBot(discord.Client):
@@ -61,6 +64,8 @@ class SeeBot(discord.Client):
         # under the command sync still running there.
         self._set_up = asyncio.Event()
         self._stopping: asyncio.Task[None] | None = None
+        self._start_status: asyncio.Task[None] | None = None  # sends the start-up status's changes
+        self._start_status_wanted = self._start_status_shown = STARTING_UP_STATUS
         self.images = ImageFetcher(
             ImageLimits.from_settings(settings), hosts=MediaHosts(settings.api_base_url)
         )
@@ -105,7 +110,7 @@ class SeeBot(discord.Client):
 
     async def _start_engine(self) -> None:
         try:
-            await self.engine.start()
+            await self.engine.start(self._show_start_progress)
         except EngineError as error:  # a clear one-line reason: a bad MODEL_ID, no server...
             log.error("the model could not be started, stopping: %s", error)
             await self._stop_after_setup()
@@ -123,8 +128,31 @@ class SeeBot(discord.Client):
         await self._set_up.wait()
         await self.close()
 
+    def _show_start_progress(self, progress: str) -> None:
+        """The start-up status says how far the model is: now, or (the latest words) once
+        START_STATUS_EVERY_SECONDS have passed since the last change was sent."""
+        if self.responder.engine_ready.is_set():
+            return
+        self._start_status_wanted = texts.starting_up_status(progress)
+        if self._start_status is None or self._start_status.done():
+            self._start_status = asyncio.create_task(self._send_start_status(), name="start-status")
+
+    async def _send_start_status(self) -> None:
+        ready = self.responder.engine_ready
+        while not ready.is_set() and self._start_status_wanted != self._start_status_shown:
+            self._start_status_shown = self._start_status_wanted
+            self.activity = discord.CustomActivity(self._start_status_shown)  # and any later IDENTIFY's
+            try:
+                await self.change_presence(status=discord.Status.idle, activity=self.activity)
+            except Exception as error:  # not connected yet: the IDENTIFY will carry it
+                log.debug("start-up status not updated yet: %r", error)
+            with contextlib.suppress(TimeoutError):  # the next change waits, unless the model is ready
+                await asyncio.wait_for(ready.wait(), START_STATUS_EVERY_SECONDS)
+
     async def _show_online(self) -> None:
         """Online, without the "starting up" status: now, and in every later IDENTIFY."""
+        if self._start_status is not None:  # a start-up status on its way goes first
+            await asyncio.gather(self._start_status, return_exceptions=True)
         self.status, self.activity = discord.Status.online, None
         try:
             await self.change_presence(status=discord.Status.online, activity=None)
@@ -150,8 +178,9 @@ class SeeBot(discord.Client):
         try:
             await super().close()
         finally:
-            if self._engine_task is not None and not self._engine_task.done():
-                self._engine_task.cancel()
+            for task in (self._engine_task, self._start_status):
+                if task is not None and not task.done():
+                    task.cancel()
             await self.images.close()
             await self.engine.close()
             await self.storage.close()

@@ -22,7 +22,7 @@ from contextvars import ContextVar
 
 from prometheus_client import CollectorRegistry, Counter, Enum, Gauge, Histogram
 
-from inference import Engine, EngineClosed, EngineError, GenerationRequest
+from inference import Engine, EngineClosed, EngineError, GenerationRequest, StartProgress
 from inference.engine import PromptTooLong
 from inference.gpu_memory import gpu_memory_bytes
 
@@ -128,9 +128,9 @@ class MeteredEngine:
         self.state = state
         self._metrics.engine_state.state(state)
 
-    async def start(self) -> None:
+    async def start(self, on_progress: StartProgress | None = None) -> None:
         try:
-            await self._engine.start()
+            await self._engine.start(on_progress)
         except BaseException:
             self._set_state("failed")
             raise

@@ -18,7 +18,7 @@ from pathlib import PurePosixPath
 
 import discord
 
-from inference import Conversation, EndReason, Engine, GenerationRequest
+from inference import Conversation, EndReason, Engine, GenerationRequest, StartProgress
 
 from .images import Picture
 from .replies import MESSAGE_LIMIT, EditableMessage, SendMessage
@@ -49,8 +49,8 @@ class PageByPage:
         self._engine = engine
         self._headings = list(headings)
 
-    async def start(self) -> None:
-        await self._engine.start()
+    async def start(self, on_progress: StartProgress | None = None) -> None:
+        await self._engine.start(on_progress)
 
     async def close(self) -> None:
         await self._engine.close()

@@ -14,7 +14,12 @@ NOT_ALLOWED = "You can't use me here."
 NO_IMAGE = "I found no image in that message (attachments, embedded images, stickers or PDFs)."
 
 # --- the bot's state ------------------------------------------------------------------------
-STARTING_UP_STATUS = "Starting up: loading the model…"
+def starting_up_status(progress: str) -> str:
+    """The bot's status while the model starts ("loading the model", "warming up: 3 of 24...")."""
+    return f"Starting up: {progress}…"[:128]  # Discord's longest custom status
+
+
+STARTING_UP_STATUS = starting_up_status("loading the model")
 CUT_OFF = "The bot is restarting, so this answer was cut off. Please ask again in a minute."
 DISCORD_FAILED = "Discord kept failing while I was answering this, so I had to stop. Please ask again."
 

@@ -1,7 +1,15 @@
 """Model-facing code: prompts, engines and the worker thread. Never imports discord."""
 
 from .conversation import Conversation, PromptError, Turn, build_prompt, neutralise
-from .engine import EndReason, Engine, EngineClosed, EngineError, GenerationError, GenerationRequest
+from .engine import (
+    EndReason,
+    Engine,
+    EngineClosed,
+    EngineError,
+    GenerationError,
+    GenerationRequest,
+    StartProgress,
+)
 from .settings import InferenceSettings, SettingsError
 
 __all__ = [
@@ -15,6 +23,7 @@ __all__ = [
     "InferenceSettings",
     "PromptError",
     "SettingsError",
+    "StartProgress",
     "Turn",
     "build_prompt",
     "create_engine",

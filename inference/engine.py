@@ -36,6 +36,9 @@ class PromptTooLong(EngineError):
 
 # Why an answer ended: its own end token, or the token limit (MAX_NEW_TOKENS or the context).
 EndReason = Literal["stop", "length"]
+# Told, on the event loop, how far a start is, in a few words ("warming up: 3 of 24 decode
+# shapes"), for the bot's status while it starts.
+StartProgress = Callable[[str], None]
 
 
 @dataclass(frozen=True)
@@ -54,8 +57,9 @@ class GenerationRequest:
 
 
 class Engine(Protocol):
-    async def start(self) -> None:
-        """Load the model (or connect); returns when requests can be served."""
+    async def start(self, on_progress: StartProgress | None = None) -> None:
+        """Load the model (or connect); returns when requests can be served. ``on_progress``
+        hears how far it is (engines that cannot tell never call it)."""
 
     async def close(self) -> None:
         """Stop serving: pending requests fail with `EngineClosed`; resources are freed."""

@@ -20,7 +20,14 @@ from collections.abc import AsyncIterator, Callable
 from typing import Any, Protocol
 
 from .conversation import PromptError, build_prompt
-from .engine import EngineClosed, EngineError, GenerationError, GenerationRequest, ModelLoadError
+from .engine import (
+    EngineClosed,
+    EngineError,
+    GenerationError,
+    GenerationRequest,
+    ModelLoadError,
+    StartProgress,
+)
 from .jobs import BATCH_GATHER_SECONDS, DONE, Job, release_gpu_memory
 from .loading import LoadedModel, load_model
 from .settings import InferenceSettings
@@ -80,8 +87,14 @@ def compile_wanted(settings: InferenceSettings, device_type: str) -> bool:
     return wanted and refusal is None
 
 
-def make_core(loaded: LoadedModel, settings: InferenceSettings, steering: Steering | None) -> ServingCore:
-    """The serving core for ``loaded``, warmed up (see warm_up.py)."""
+def make_core(
+    loaded: LoadedModel,
+    settings: InferenceSettings,
+    steering: Steering | None,
+    on_progress: StartProgress | None = None,
+) -> ServingCore:
+    """The serving core for ``loaded``, warmed up (see warm_up.py; ``on_progress`` hears how
+    far, on this thread)."""
     if getattr(loaded, "kind", "phi3v") == "generic":
         from .generic_serving import GenericCore
 
@@ -89,7 +102,11 @@ def make_core(loaded: LoadedModel, settings: InferenceSettings, steering: Steeri
     from .warm_up import warmed_up_core
 
     return warmed_up_core(
-        loaded, settings, steering=steering, compile=compile_wanted(settings, loaded.device.type)
+        loaded,
+        settings,
+        steering=steering,
+        compile=compile_wanted(settings, loaded.device.type),
+        on_progress=on_progress,
     )
 
 
@@ -146,13 +163,18 @@ class LocalEngine:
         with self._lock:
             return len(self._waiting)
 
-    async def start(self) -> None:
+    async def start(self, on_progress: StartProgress | None = None) -> None:
         if self._thread is not None:
             raise RuntimeError("the engine was already started")
         loop = asyncio.get_running_loop()
         ready: asyncio.Future[None] = loop.create_future()
+
+        def tell(progress: str) -> None:  # from the worker thread, before it settles ``ready``
+            if on_progress is not None:
+                loop.call_soon_threadsafe(on_progress, progress)
+
         self._thread = threading.Thread(
-            target=self._run, args=(loop, ready), name="inference-worker", daemon=True
+            target=self._run, args=(loop, ready, tell), name="inference-worker", daemon=True
         )
         self._thread.start()
         await ready
@@ -245,13 +267,17 @@ class LocalEngine:
 
     # --- worker thread -------------------------------------------------------------------
 
-    def _run(self, loop: asyncio.AbstractEventLoop, ready: asyncio.Future[None]) -> None:
+    def _run(
+        self, loop: asyncio.AbstractEventLoop, ready: asyncio.Future[None], tell: StartProgress
+    ) -> None:
         try:
             started = time.perf_counter()
+            tell("loading the model")
             self._loaded = self._loader(self.settings)
             loaded_at = time.perf_counter()
+            tell("warming up")
             try:
-                self._core = make_core(self._loaded, self.settings, self._steering)
+                self._core = make_core(self._loaded, self.settings, self._steering, tell)
             except Exception as error:
                 log.exception("the warm-up failed")
                 self._loaded = None  # nothing half-loaded stays

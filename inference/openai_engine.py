@@ -29,7 +29,14 @@ from PIL import Image
 from yarl import URL
 
 from .conversation import Conversation, PromptError, build_prompt, neutralise, without_oldest_exchange
-from .engine import EngineClosed, EngineError, GenerationError, GenerationRequest, PromptTooLong
+from .engine import (
+    EngineClosed,
+    EngineError,
+    GenerationError,
+    GenerationRequest,
+    PromptTooLong,
+    StartProgress,
+)
 from .settings import InferenceSettings
 
 log = logging.getLogger(__name__)
@@ -89,7 +96,7 @@ class OpenAIEngine:
         self._session: aiohttp.ClientSession | None = None
         self._closing = False
 
-    async def start(self) -> None:
+    async def start(self, on_progress: StartProgress | None = None) -> None:
         """Connects and checks that the server serves the model, waiting while it starts up.
 
         vLLM takes minutes to load a model and the bot is often started alongside it, so a
@@ -113,7 +120,7 @@ class OpenAIEngine:
             ),
         )
         try:
-            served = await self._wait_for_models()
+            served = await self._wait_for_models(on_progress)
         except BaseException:
             await self.close()
             raise
@@ -303,7 +310,7 @@ class OpenAIEngine:
 
     # --- start-up --------------------------------------------------------------------------
 
-    async def _wait_for_models(self) -> set[str]:
+    async def _wait_for_models(self, on_progress: StartProgress | None) -> set[str]:
         """The model names the server lists, polling while it is down or starting up."""
         loop = asyncio.get_running_loop()
         deadline = loop.time() + self.settings.openai_startup_timeout_seconds
@@ -343,6 +350,8 @@ class OpenAIEngine:
                     "is it running, and is OPENAI_BASE_URL right?"
                 ) from reason
             if attempt == 0:
+                if on_progress is not None:
+                    on_progress("waiting for the model server")
                 log.warning(
                     "the model server at %s is not ready (%s); "
                     "waiting up to %g s (OPENAI_STARTUP_TIMEOUT_SECONDS)",

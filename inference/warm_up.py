@@ -21,6 +21,7 @@ from PIL import Image
 
 from .conversation import Conversation
 from .core import EngineCore
+from .engine import StartProgress
 from .jobs import release_gpu_memory
 from .loading import LoadedModel
 from .runner import ModelRunner, row_buckets
@@ -53,14 +54,16 @@ def warm_up_shapes(runner: ModelRunner) -> list[tuple[int, int]]:
     return [(rows, length) for rows in row_buckets(cache.slots) for length in lengths]
 
 
-def warm_up(runner: ModelRunner) -> list[tuple[int, int]]:
-    """Run every warm-up shape; returns them."""
+def warm_up(runner: ModelRunner, on_progress: StartProgress | None = None) -> list[tuple[int, int]]:
+    """Run every warm-up shape, telling ``on_progress`` after each; returns them."""
     shapes = warm_up_shapes(runner)
     runs = WARM_UP_RUNS if runner.compile else 1
     started = time.perf_counter()
     for done, (rows, length) in enumerate(shapes, 1):
         for _ in range(runs):
             runner.run_shape(rows, length)
+        if on_progress is not None and runner.compile:
+            on_progress(f"warming up: {done} of {len(shapes)} decode shapes")
         if runner.compile and (done % 8 == 0 or done == len(shapes)):
             log.info(
                 "warming up: %d of %d decode shapes (%.0f s)",
@@ -72,15 +75,22 @@ def warm_up(runner: ModelRunner) -> list[tuple[int, int]]:
 
 
 def warmed_up_core(
-    loaded: LoadedModel, settings: InferenceSettings, *, steering: Steering | None, compile: bool
+    loaded: LoadedModel,
+    settings: InferenceSettings,
+    *,
+    steering: Steering | None,
+    compile: bool,
+    on_progress: StartProgress | None = None,
 ) -> EngineCore:
+    """The engine core for ``loaded``, every decode shape run once (``on_progress`` hears how
+    far; called on this thread)."""
     started = time.perf_counter()
     if compile:
         log.info("compile cache: %s", use_compile_cache(settings.compile_cache_dir))
     core = EngineCore(loaded, settings, compile=compile, usual_question=picture_question(), steering=steering)
     assert core.runner is not None
     try:
-        shapes = warm_up(core.runner)
+        shapes = warm_up(core.runner, on_progress)
     except Exception as error:
         if not compile:
             raise
@@ -88,7 +98,7 @@ def warmed_up_core(
         release_gpu_memory()
         core.recompile(False)
         assert core.runner is not None
-        shapes = warm_up(core.runner)
+        shapes = warm_up(core.runner, on_progress)
     slots, length = core.shape
     log.info(
         "warmed up in %.1f s (%s decoding, %d slot(s) x %d tokens, %d decode shape(s))",

@@ -1,5 +1,6 @@
 """Starting up: a model that cannot be loaded stops the bot with one clear line (exit 1);
-questions asked while the model loads and warms up are told so, then answered."""
+questions asked while the model loads and warms up are told so, then answered; the bot's
+status says how far the start is."""
 
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ import pytest
 
 from bot.answering import STARTING_UP
 from bot.client import STARTING_UP_STATUS
+from bot.texts import starting_up_status
 from tests.bot_process import answer_in_thread, new_channel, png, start_bot, stop
 from tests.fake_discord import FakeDiscord
 from tests.synthetic_images import bar_chart
@@ -61,5 +63,9 @@ async def test_questions_asked_while_the_model_starts_say_so_then_get_their_answ
                 lambda: fake.bot_presence.get("status") == "online" and not fake.bot_presence["activities"],
                 description="the bot shown online once the model is ready",
             )
+            # On the way, the status said how far the start was.
+            shown = [(u.get("activities") or [{}])[0].get("state") for u in fake.presence_updates]
+            assert starting_up_status("warming up") in shown
+            assert shown.index(starting_up_status("warming up")) < shown.index(None)
         finally:
             await stop(bot)

@@ -11,7 +11,7 @@ import pytest
 from bot.images import ImageProblem
 from bot.limits import Refused
 from bot.metrics import MeteredEngine, Metrics
-from inference import Conversation, EngineError, GenerationError, GenerationRequest
+from inference import Conversation, EngineError, GenerationError, GenerationRequest, StartProgress
 from inference.engine import PromptTooLong
 
 
@@ -27,7 +27,7 @@ class ScriptedEngine:
         self.go = asyncio.Event()
         self.waiting = asyncio.Event()
 
-    async def start(self) -> None:
+    async def start(self, on_progress: StartProgress | None = None) -> None:
         if self.start_error is not None:
             raise self.start_error
 

@@ -9,7 +9,7 @@ from PIL import Image
 
 from bot.images import Picture
 from bot.reading import PageByPage, RecordingSend, attach_text_file, headings_for, text_file_name
-from inference import Conversation, GenerationRequest
+from inference import Conversation, GenerationRequest, StartProgress
 
 
 def picture(name: str, page: int | None = None) -> Picture:
@@ -28,7 +28,7 @@ class ScriptedEngine:
     def __init__(self) -> None:
         self.requests: list[GenerationRequest] = []
 
-    async def start(self) -> None: ...
+    async def start(self, on_progress: StartProgress | None = None) -> None: ...
 
     async def close(self) -> None: ...
 
