@@ -5,7 +5,9 @@ The front (local_engine.py) hands the core jobs while it has a free slot (``add`
 prefill, requests that decode), runs it on the ``ModelRunner`` (over the ``SlotCache``),
 chooses each row's token (``sampling``, after the optional ``Steering``), and updates each
 ``Request``: its text goes out through its detokenizer (``TextPieces``), and a request
-that ended (stop token, token limit, asker gone) leaves its slot for the next one.
+that ended (stop token, token limit, asker gone) leaves its slot for the next one. A
+request with pictures holds its slot as ENCODING while the ``ImageEncoder`` runs them
+through the vision tower beside the steps; it prefills once they are ready.
 
 Cache shape: ``slots x length``, length = the larger of MAX_BATCH_TOKENS / MAX_BATCH_SIZE
 and the need (prompt + MAX_NEW_TOKENS) of a question about one 1280x720 picture, rounded
@@ -28,6 +30,7 @@ quarter fewer tokens (never below one slot); serving goes on.
 
 from __future__ import annotations
 
+import concurrent.futures
 import enum
 import logging
 from typing import Any
@@ -37,12 +40,13 @@ import torch
 from . import memory
 from .conversation import Conversation
 from .engine import ModelLoadError, PromptTooLong
+from .image_encoder import ImageEncoder
 from .jobs import DONE, Job, padding_id, release_gpu_memory
 from .kv_cache import SlotCache
 from .loading import LoadedModel
 from .pieces import TextPieces
 from .prompt_inputs import PromptEncoder
-from .runner import DEFAULT_LENGTH_BUCKET, ModelRunner, round_up
+from .runner import DEFAULT_LENGTH_BUCKET, ModelRunner, prompt_embeddings, round_up
 from .sampling import Sampling, choose_tokens
 from .scheduler import Chunk, Request, Scheduler
 from .settings import DEFAULT_MAX_BATCH_TOKENS, InferenceSettings
@@ -61,6 +65,8 @@ class Admission(enum.Enum):
 SHRINK_AFTER_OUT_OF_MEMORY = 0.75
 # Less KV cache than this left after loading: the model cannot serve.
 LEAST_AUTO_TOKENS = 256
+# With only pictures in the vision tower, a step waits at most this long for one.
+ENCODING_WAIT_SECONDS = 0.05
 
 
 def cache_shape(
@@ -129,6 +135,10 @@ class EngineCore:
         self.joined_running = 0
         self.runner: ModelRunner | None = None
         self.scheduler: Scheduler | None = None
+        # Pictures go through the vision tower beside the decode loop (image_encoder.py).
+        self.images = ImageEncoder(
+            lambda inputs: prompt_embeddings(loaded.model, inputs, loaded.device, loaded.dtype), loaded.device
+        )
         self._build(*self.usual_shape, compile=compile)
         if auto:
             self._size_from_free_memory()
@@ -368,7 +378,10 @@ class EngineCore:
                 "a request joined a running batch (%d answer(s) running)",
                 scheduler.slots - scheduler.free_slots + 1,
             )
-        scheduler.admit(request)
+        pictures = "pixel_values" in request.prompt
+        scheduler.admit(request, encoding=pictures)
+        if pictures:
+            request.encoding = self.images.submit(request.prompt)
         return Admission.ADMITTED
 
     def finish_all(self, item: Any = DONE) -> None:
@@ -377,6 +390,10 @@ class EngineCore:
             return
         for request in self.scheduler.running:
             self._finish(request, item)
+
+    def close(self) -> None:
+        """No more pictures are encoded (the engine is closing)."""
+        self.images.close()
 
     # --- one step -------------------------------------------------------------------------
 
@@ -388,7 +405,11 @@ class EngineCore:
         for request in scheduler.running:
             if request.job.cancelled.is_set():
                 self._finish(request)  # nobody is listening
+        self._take_encoded()
         plan = scheduler.schedule()
+        if not plan.prefill and not plan.decode:
+            self._wait_for_encoding()  # only pictures in the vision tower: nothing to step
+            return
         for chunk in plan.prefill:
             self._prefill(chunk)
         decoding = [request for request in plan.decode if request.job.cancelled.is_set() is False]
@@ -408,15 +429,39 @@ class EngineCore:
         for request, token in zip(decoding, tokens, strict=True):
             self._accept(request, token)
 
+    def _take_encoded(self) -> None:
+        """Requests whose pictures are through the vision tower start prefilling."""
+        scheduler = self.scheduler
+        assert scheduler is not None
+        for request in scheduler.encoding:
+            if not request.encoding.done():
+                continue
+            try:
+                request.embeds = request.encoding.result()
+            except Exception as error:
+                log.exception("encoding a request's images failed")
+                release_gpu_memory()
+                self._fail([request], error)
+                continue
+            request.encoding = None
+            scheduler.encoded(request)
+
+    def _wait_for_encoding(self) -> None:
+        """Until a picture is through the vision tower, or briefly (a cancel is seen soon)."""
+        assert self.scheduler is not None
+        pending = [request.encoding for request in self.scheduler.encoding]
+        if pending:
+            concurrent.futures.wait(pending, ENCODING_WAIT_SECONDS, concurrent.futures.FIRST_COMPLETED)
+
     def _prefill(self, chunk: Chunk) -> None:
         request = chunk.request
         scheduler, runner = self.scheduler, self.runner
         assert scheduler is not None and runner is not None
         try:
-            if request.embeds is None:
-                if self.steering is not None:
-                    ids = request.prompt["input_ids"][0].tolist()
-                    request.steering = self.steering.begin(request.job.request, ids)
+            if chunk.start == 0 and self.steering is not None:
+                ids = request.prompt["input_ids"][0].tolist()
+                request.steering = self.steering.begin(request.job.request, ids)
+            if request.embeds is None:  # text only: the token embeddings, here
                 request.embeds = runner.embed_prompt(request.prompt)
             logits = runner.prefill(
                 request.slot, request.embeds[chunk.start : chunk.end], chunk.start, request.prompt_length

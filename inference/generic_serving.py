@@ -116,6 +116,9 @@ class GenericCore:
         finally:
             self._generating = False
 
+    def close(self) -> None:
+        """Nothing of its own to stop."""
+
     def finish_all(self, item: Any = DONE) -> None:
         batch, self._batch = self._batch, []
         for job, row, pieces in batch:

@@ -74,6 +74,10 @@ class ServingCore(Protocol):
         """End everything running with ``item``."""
         ...
 
+    def close(self) -> None:
+        """Stop its own threads, if any (the engine is closing)."""
+        ...
+
 
 def compile_wanted(settings: InferenceSettings, device_type: str) -> bool:
     """COMPILE: on, off, or auto (on with CUDA); off, with one log line, for weights that
@@ -188,6 +192,8 @@ class LocalEngine:
             await asyncio.to_thread(thread.join, 5)  # a step or two; a model still loading is abandoned
         self._fail_waiting(EngineClosed("the bot is shutting down"))
         self._preparing.shutdown(wait=False, cancel_futures=True)
+        if self._core is not None:
+            self._core.close()
         self._core = None  # the KV cache goes with it
         self._loaded = None
         release_gpu_memory()

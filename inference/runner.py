@@ -4,7 +4,8 @@ A decode step is one forward of the model's own ``Phi3Model`` (attention through
 ``slot_attention``) over the BUSY rows only, each attending over the positions it has
 filled: the step's shape is (busy rows, length), where length covers the longest busy row.
 Eager (COMPILE off) and compiled on the CPU (inductor, symbolic shapes) both are exact, so
-one row's step costs one row. With CUDA graphs (COMPILE on CUDA) both are rounded up to
+one row's step costs one row; eager, a step whose rows all see every position (one row
+always does) runs with no mask. With CUDA graphs (COMPILE on CUDA) both are rounded up to
 buckets (rows 1, 2, 4, 8, 16...; lengths a multiple of ``length_bucket``) so that shapes
 repeat and graphs replay; the padding rows repeat the last busy row (its slot, token and
 position: the same key/value written twice, its logits dropped). The prefill
@@ -39,6 +40,23 @@ def row_buckets(slots: int) -> list[int]:
 
 def round_up(value: int, bucket: int) -> int:
     return -(-value // bucket) * bucket
+
+
+def prompt_embeddings(
+    model: Any, inputs: Mapping[str, torch.Tensor], device: torch.device, dtype: torch.dtype
+) -> torch.Tensor:
+    """One prompt's input embeddings (positions x hidden), images included (any thread)."""
+    pixel_values = inputs.get("pixel_values")
+    if pixel_values is not None:
+        pixel_values = pixel_values.to(device, dtype)
+    image_sizes = inputs.get("image_sizes")
+    with torch.inference_mode():
+        embeds = model.embed_prompt(
+            inputs["input_ids"].to(device),
+            pixel_values=pixel_values,
+            image_sizes=None if image_sizes is None else image_sizes.to(device),
+        )
+    return embeds[0].to(dtype)
 
 
 class ModelRunner:
@@ -88,17 +106,7 @@ class ModelRunner:
 
     def embed_prompt(self, inputs: Mapping[str, torch.Tensor]) -> torch.Tensor:
         """One prompt's input embeddings (positions x hidden), images included."""
-        pixel_values = inputs.get("pixel_values")
-        if pixel_values is not None:
-            pixel_values = pixel_values.to(self.device, self.dtype)
-        image_sizes = inputs.get("image_sizes")
-        with torch.inference_mode():
-            embeds = self.model.embed_prompt(
-                inputs["input_ids"].to(self.device),
-                pixel_values=pixel_values,
-                image_sizes=None if image_sizes is None else image_sizes.to(self.device),
-            )
-        return embeds[0].to(self.dtype)
+        return prompt_embeddings(self.model, inputs, self.device, self.dtype)
 
     def prefill(
         self, slot: int, embeds: torch.Tensor, start: int, prompt_length: int | None = None
@@ -171,20 +179,24 @@ class ModelRunner:
         ids = torch.tensor(tokens, dtype=torch.long)[:, None].to(self.device)
         rows = torch.tensor(slots, dtype=torch.long).to(self.device)
         where = torch.tensor(positions, dtype=torch.long).to(self.device)
-        mask = decode_mask(where, length, self.window)
-        if first is None:
-            logits = self._decode(ids, rows, where, mask)
-        else:
-            logits = self._decode_forward(ids, rows, where, mask, first)
-        return logits.float().clone()  # a CUDA graph's output is overwritten by its next replay
+        if self.compile:
+            logits = self._decode(ids, rows, where, decode_mask(where, length, self.window))
+        else:  # eager: no mask when every row sees all ``length`` positions (one row always does)
+            windowed = self.window is not None and length > self.window
+            sees_all = not windowed and all(p == length - 1 for p in positions)
+            mask = None if sees_all else decode_mask(where, length, self.window)
+            logits = self._decode_forward(ids, rows, where, mask, first, length)
+        # A CUDA graph's output is overwritten by its next replay.
+        return logits.float().clone() if self.graphs else logits.float()
 
     def _decode_forward(
         self,
         ids: torch.Tensor,
         rows: torch.Tensor,
         positions: torch.Tensor,
-        mask: torch.Tensor,
+        mask: torch.Tensor | None,
         first: int | None = None,
+        length: int | None = None,
     ) -> torch.Tensor:
         hidden = self.model.model(
             inputs_embeds=self._embed_tokens(ids),
@@ -195,5 +207,6 @@ class ModelRunner:
             slot_rows=rows,
             slot_positions=positions,
             slot_first=first,
+            slot_length=length,
         ).last_hidden_state
         return self.model.lm_head(hidden[:, -1])

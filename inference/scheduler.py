@@ -2,7 +2,8 @@
 
 One ``Request`` object per admitted request carries everything about it (its slot, how
 much of its prompt is in the cache, its last token, its sampling, its status); the
-scheduler only moves requests between states and hands out slots. Each step: the requests
+scheduler only moves requests between states (ENCODING while its images are in the vision
+tower, PREFILLING, DECODING, FINISHED) and hands out slots. Each step: the requests
 still prefilling get prompt chunks up to a budget of prompt tokens (FIFO), then every
 decoding request decodes one token. With nobody decoding, a prompt is prefilled whole
 (nobody would wait). A chunk's rotary factors are its whole prompt's (the runner passes
@@ -26,6 +27,7 @@ log = logging.getLogger(__name__)
 
 
 class Status(enum.Enum):
+    ENCODING = "encoding"  # its images are in the vision tower (image_encoder.py)
     PREFILLING = "prefilling"
     DECODING = "decoding"
     FINISHED = "finished"
@@ -45,6 +47,7 @@ class Request:
     status: Status = Status.PREFILLING
     prefilled: int = 0  # prompt positions in the cache
     embeds: torch.Tensor | None = None  # the prompt's embeddings, while prefilling
+    encoding: Any = None  # while ENCODING: the future of its embeddings
     last_token: int | None = None  # what the next decode step feeds
     generated: int = 0  # answer tokens streamed
     chunks: int = 0
@@ -112,12 +115,24 @@ class Scheduler:
     def can_admit(self, request: Request) -> bool:
         return bool(self._free) and self.fits(request)
 
-    def admit(self, request: Request) -> None:
+    @property
+    def encoding(self) -> list[Request]:
+        """Requests whose images are still in the vision tower."""
+        return [r for r in self._running if r.status is Status.ENCODING]
+
+    def admit(self, request: Request, *, encoding: bool = False) -> None:
+        """A slot for the request; it prefills from the next step, or once its images are
+        encoded (``encoding``: see ``encoded``)."""
         if not self.can_admit(request):
             raise ValueError("no slot for this request")
         request.slot = self._free.pop(0)
-        request.status = Status.PREFILLING
+        request.status = Status.ENCODING if encoding else Status.PREFILLING
         self._running.append(request)
+
+    def encoded(self, request: Request) -> None:
+        """Its embeddings are ready: it prefills from this step."""
+        if request.status is Status.ENCODING:
+            request.status = Status.PREFILLING
 
     def schedule(self) -> Plan:
         decoding = [r for r in self._running if r.status is Status.DECODING]
@@ -156,6 +171,9 @@ class Scheduler:
             return
         request.status = Status.FINISHED
         request.embeds = None
+        if request.encoding is not None:
+            request.encoding.cancel()  # not started yet: never runs; else its result is dropped
+            request.encoding = None
         self._running.remove(request)
         self._free.append(request.slot)
         self._free.sort()

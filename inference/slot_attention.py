@@ -37,6 +37,7 @@ def _slot_attention(fallback: Any) -> Any:
         slot_rows: torch.Tensor | None = None,
         slot_positions: torch.Tensor | None = None,
         slot_first: int | None = None,
+        slot_length: int | None = None,
         slot_index: int | None = None,
         slot_start: int = 0,
         scaling: float | None = None,
@@ -46,14 +47,15 @@ def _slot_attention(fallback: Any) -> Any:
             return fallback(module, query, key, value, attention_mask, scaling=scaling, **kwargs)
         layer = module.layer_idx
         if slot_index is None:  # decode: one token per row, rows gathered from their slots
-            assert slot_rows is not None and slot_positions is not None and attention_mask is not None
+            assert slot_rows is not None and slot_positions is not None
             slot_cache.write_tokens(layer, slot_rows, slot_positions, key, value)
+            # No mask (eager, every row sees all its positions): the length comes on its own.
+            length = attention_mask.shape[-1] if attention_mask is not None else slot_length
+            assert length is not None
             if slot_first is None:
-                keys, values = slot_cache.read(layer, slot_rows, attention_mask.shape[-1])
+                keys, values = slot_cache.read(layer, slot_rows, length)
             else:  # consecutive slots (eager): a view, no gather
-                keys, values = slot_cache.read_rows(
-                    layer, slot_first, query.shape[0], attention_mask.shape[-1]
-                )
+                keys, values = slot_cache.read_rows(layer, slot_first, query.shape[0], length)
         else:  # a prefill chunk of one slot
             slot_cache.write_span(layer, slot_index, slot_start, key, value)
             keys, values = slot_cache.read_slot(layer, slot_index, slot_start + query.shape[2])
@@ -62,8 +64,9 @@ def _slot_attention(fallback: Any) -> Any:
             keys.to(query.dtype),
             values.to(query.dtype),
             attn_mask=attention_mask,
-            # A first chunk with no mask: plain causal (transformers found no padding or window).
-            is_causal=attention_mask is None,
+            # A first chunk with no mask: plain causal (transformers found no padding or window);
+            # a decode step with none: one query per row, every position visible.
+            is_causal=attention_mask is None and slot_index is not None,
             scale=scaling,
             enable_gqa=module.num_key_value_groups > 1,
         )

@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import threading
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
@@ -181,6 +182,37 @@ async def test_a_long_joiner_is_prefilled_in_chunks_and_the_others_are_unchanged
         answers = await asyncio.gather(*(rest(h, s) for h, s in zip(heads, streams, strict=True)))
         assert [*answers, await late] == [generate(engine, r) for r in [*streaming, joiner]]
     assert "chunks between decode steps" in caplog.text
+
+
+async def test_answers_stream_on_while_a_joiners_pictures_are_in_the_vision_tower(
+    tiny_model_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    entered, release = threading.Event(), threading.Event()
+    streaming, picture = ask(conversation(0), 30), ask(conversation(1), 12)
+    async with running(settings_for(tiny_model_dir)) as engine:
+        assert engine.loaded is not None
+        tower = engine.loaded.model.model.vision_embed_tokens
+        original = tower.forward
+
+        def held(*args: Any, **kwargs: Any) -> Any:
+            entered.set()
+            release.wait(60)
+            return original(*args, **kwargs)
+
+        monkeypatch.setattr(tower, "forward", held)
+        stream = engine.stream(streaming)
+        head = await anext(stream)
+        joiner = asyncio.create_task(answer(engine, picture))
+        assert await asyncio.to_thread(entered.wait, 30)
+        # The whole answer streams while the joiner's picture is held in the vision tower.
+        rest = await asyncio.wait_for(_rest(stream), 30)
+        assert not joiner.done()
+        release.set()
+        assert [head + rest, await joiner] == [generate(engine, r) for r in (streaming, picture)]
+
+
+async def _rest(stream: AsyncIterator[str]) -> str:
+    return "".join([piece async for piece in stream])
 
 
 async def test_one_busy_row_among_sixteen_slots_reads_one_rows_positions(
