@@ -88,6 +88,7 @@ class ModelRunner:
         self.length_bucket = max(1, int(length_bucket)) if self.graphs else 1
         self._row_buckets = row_buckets(cache.slots) if self.graphs else None
         self._embed_tokens = model.get_input_embeddings()
+        self._layers = list(model.model.layers[: model.config.num_hidden_layers])
         self._decode = self._decode_forward
         # What the last decode step ran: (rows, length), padding included.
         self.last_decode_shape: tuple[int, int] | None = None
@@ -198,15 +199,22 @@ class ModelRunner:
         first: int | None = None,
         length: int | None = None,
     ) -> torch.Tensor:
-        hidden = self.model.model(
-            inputs_embeds=self._embed_tokens(ids),
-            position_ids=positions[:, None],
-            attention_mask=mask,
-            use_cache=False,
-            slot_cache=self.cache,
-            slot_rows=rows,
-            slot_positions=positions,
-            slot_first=first,
-            slot_length=length,
-        ).last_hidden_state
-        return self.model.lm_head(hidden[:, -1])
+        # The model's own modules, called directly (gpt-fast's shape): Phi3Model.forward's
+        # wrappers and mask building cost more than a tiny step itself; the mask is ours.
+        language = self.model.model
+        hidden = self._embed_tokens(ids)
+        position_ids = positions[:, None]
+        rotary = language.rotary_emb(hidden, position_ids)
+        for layer in self._layers:
+            hidden = layer(
+                hidden,
+                attention_mask=mask,
+                position_ids=position_ids,
+                position_embeddings=rotary,
+                slot_cache=self.cache,
+                slot_rows=rows,
+                slot_positions=positions,
+                slot_first=first,
+                slot_length=length,
+            )
+        return self.model.lm_head(language.norm(hidden)[:, -1])
