@@ -41,7 +41,7 @@ from . import memory
 from .conversation import Conversation
 from .engine import ModelLoadError, PromptTooLong
 from .image_encoder import ImageEncoder
-from .jobs import DONE, Job, padding_id, release_gpu_memory
+from .jobs import DONE, Job, Outbox, padding_id, release_gpu_memory
 from .kv_cache import SlotCache
 from .loading import LoadedModel
 from .pieces import TextPieces
@@ -133,6 +133,7 @@ class EngineCore:
         self._shrink_pending = False
         # Requests that joined a batch already decoding (for tests and logs).
         self.joined_running = 0
+        self.outbox = Outbox()
         self.runner: ModelRunner | None = None
         self.scheduler: Scheduler | None = None
         # Pictures go through the vision tower beside the decode loop (image_encoder.py).
@@ -341,7 +342,7 @@ class EngineCore:
             prompt=job.encoded,
             max_new_tokens=max_new_tokens,
             sampling=Sampling.of(temperature, getattr(self.loaded.model, "generation_config", None)),
-            pieces=TextPieces(self.loaded.tokenizer, job.send),
+            pieces=TextPieces(self.loaded.tokenizer, lambda item: self.outbox.send(job, item)),
         )
         too_long = self._too_long(request.prompt_length, max_new_tokens)
         if too_long is not None:  # the cache was made smaller since it was prepared
@@ -390,6 +391,7 @@ class EngineCore:
             return
         for request in self.scheduler.running:
             self._finish(request, item)
+        self.outbox.flush()
 
     def close(self) -> None:
         """No more pictures are encoded (the engine is closing)."""
@@ -397,9 +399,16 @@ class EngineCore:
 
     # --- one step -------------------------------------------------------------------------
 
-    @torch.inference_mode()
     def step(self) -> None:
-        """Schedule, execute, update (see the module docstring)."""
+        """Schedule, execute, update (see the module docstring); what it says to the askers
+        leaves at its end, in one call per event loop."""
+        try:
+            self._step()
+        finally:
+            self.outbox.flush()
+
+    @torch.inference_mode()
+    def _step(self) -> None:
         scheduler, runner = self.scheduler, self.runner
         assert scheduler is not None and runner is not None
         for request in scheduler.running:
@@ -501,7 +510,7 @@ class EngineCore:
             self._out_of_memory()
         for request in requests:
             if not request.job.cancelled.is_set():
-                request.job.send(error)
+                self.outbox.send(request.job, error)
 
     def _finish(self, request: Request, item: Any = DONE, *, tell: bool = True) -> None:
         scheduler, runner = self.scheduler, self.runner
@@ -514,4 +523,4 @@ class EngineCore:
             return
         if item is DONE:
             request.pieces.end()
-        request.job.send(item)
+        self.outbox.send(request.job, item)
