@@ -105,13 +105,12 @@ class MessageTriggers:
     async def _in_new_thread(
         self, question: Question, message: discord.Message, _channel: object = None
     ) -> None:
-        text = question_text(message, self._my_id)
-        collected = await collect_images(message, self._responder.images)
-        images = collected.images
-        if not text and not images:
-            await self._no_question(question, message, collected.notices)
+        asked = await self._question_in(question, message)
+        if asked is None:
             return
+        conversation, notices = asked
         if isinstance(message.channel, discord.TextChannel):
+            text = question_text(message, self._my_id)
             try:
                 thread = await with_retries(
                     lambda: message.create_thread(
@@ -133,34 +132,33 @@ class MessageTriggers:
                 )
             else:
                 question.channel_id = thread.id
-                await self._responder.respond_in(
-                    question,
-                    Conversation.single(text or self._describe_prompt(message.guild), images),
-                    thread,
-                    notices=collected.notices,
-                )
+                await self._responder.respond_in(question, conversation, thread, notices=notices)
                 return
         await self._responder.respond_in(
-            question,
-            Conversation.single(text or self._describe_prompt(message.guild), images),
-            message.channel,
-            reference=message,
-            notices=collected.notices,
+            question, conversation, message.channel, reference=message, notices=notices
         )
 
     async def _in_place(
         self, question: Question, message: discord.Message, channel: discord.abc.Messageable
     ) -> None:
+        asked = await self._question_in(question, message)
+        if asked is None:
+            return
+        conversation, notices = asked
+        await self._responder.respond_in(question, conversation, channel, reference=message, notices=notices)
+
+    async def _question_in(
+        self, question: Question, message: discord.Message
+    ) -> tuple[Conversation, list[str]] | None:
+        """The message's question (its images under the describe prompt if it has no text)
+        and the notices about its images; None, once the asker is told, if it asks nothing."""
         text = question_text(message, self._my_id)
         collected = await collect_images(message, self._responder.images)
-        images = collected.images
-        if not text and not images:
+        if not text and not collected.images:
             await self._no_question(question, message, collected.notices)
-            return
-        conversation = Conversation.single(text or self._describe_prompt(message.guild), images)
-        await self._responder.respond_in(
-            question, conversation, channel, reference=message, notices=collected.notices
-        )
+            return None
+        conversation = Conversation.single(text or self._describe_prompt(message.guild), collected.images)
+        return conversation, collected.notices
 
     async def _follow_up(self, question: Question, message: discord.Message, thread: discord.Thread) -> None:
         me = self._client.user
