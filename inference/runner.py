@@ -1,15 +1,16 @@
 """The model runner: prefill chunks and decode steps of the native model over a ``SlotCache``.
 
-A decode step is one forward of the model's own ``Phi3Model`` (attention through
-``slot_attention``) over the BUSY rows only, each attending over the positions it has
-filled: the step's shape is (busy rows, length), where length covers the longest busy row.
-Eager (COMPILE off) and compiled on the CPU (inductor, symbolic shapes) both are exact, so
-one row's step costs one row; eager, a step whose rows all see every position (one row
-always does) runs with no mask. With CUDA graphs (COMPILE on CUDA) both are rounded up to
-buckets (rows 1, 2, 4, 8, 16...; lengths a multiple of ``length_bucket``) so that shapes
-repeat and graphs replay; the padding rows repeat the last busy row (its slot, token and
-position: the same key/value written twice, its logits dropped). The prefill
-runs eagerly, one chunk of one prompt at a time, the chunk's K/V written into its slot.
+A decode step runs the model's own modules (embedding, rotary, ``Phi3DecoderLayer``s with
+attention through ``slot_attention``, norm, head) over the BUSY rows only, each attending
+over the positions it has filled: the step's shape is (busy rows, length), where length
+covers the longest busy row. Eager (COMPILE off) and compiled on the CPU (inductor,
+symbolic shapes) both are exact, so one row's step costs one row; eager, a step whose rows
+all see every position (one row always does) runs with no mask. With CUDA graphs (COMPILE
+on CUDA) both are rounded up to buckets (rows 1, 2, 4, 8, 16...; lengths a multiple of
+``length_bucket``) so that shapes repeat and graphs replay; the padding rows repeat the
+last busy row (its slot, token and position: the same key/value written twice, its logits
+dropped). The prefill runs eagerly, one chunk of one prompt at a time, the chunk's K/V
+written into its slot.
 """
 
 from __future__ import annotations

@@ -167,7 +167,7 @@ class Phi3VModel(Phi3Model):
     def forward(self, *args: Any, rope_length: int | None = None, **kwargs: Any) -> Any:
         """``Phi3Model.forward``; ``rope_length``: the rotary factors of a forward that reaches
         that many positions (a prompt chunk's: its whole prompt's length)."""
-        if rope_length is None:  # (the compiled decode step: no attribute written)
+        if rope_length is None:  # generate, and a prompt's single forward
             return super().forward(*args, **kwargs)
         self.rotary_emb.as_if_length = rope_length
         try:
