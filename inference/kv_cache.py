@@ -14,6 +14,8 @@ from typing import Any
 
 import torch
 
+from .memory import kv_geometry
+
 
 class SlotCache:
     """Fixed slots of K/V buffers; ``filled(slot)`` is how many positions a slot holds."""
@@ -41,11 +43,9 @@ class SlotCache:
         cls, config: Any, *, slots: int, length: int, device: torch.device, dtype: torch.dtype
     ) -> SlotCache:
         """A cache shaped for a (Phi-3) language model config."""
-        heads = int(config.num_attention_heads)
-        head_dim = int(getattr(config, "head_dim", None) or config.hidden_size // heads)
-        kv_heads = int(getattr(config, "num_key_value_heads", None) or heads)
+        layers, kv_heads, head_dim = kv_geometry(config)
         return cls(
-            layers=int(config.num_hidden_layers),
+            layers=layers,
             slots=slots,
             length=length,
             kv_heads=kv_heads,

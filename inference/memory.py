@@ -12,14 +12,20 @@ from typing import Any
 import torch
 
 
-def kv_bytes_per_token(config: Any, dtype: torch.dtype) -> int:
-    """KV-cache bytes one token costs for a (Phi-3-style) language model config."""
+def kv_geometry(config: Any) -> tuple[int, int, int]:
+    """(layers, kv heads, head dim) of a (Phi-3-style) language model config, or of a VLM
+    config's text part."""
     text = config.get_text_config() if hasattr(config, "get_text_config") else config
     heads = int(text.num_attention_heads)
     head_dim = int(getattr(text, "head_dim", None) or text.hidden_size // heads)
     kv_heads = int(getattr(text, "num_key_value_heads", None) or heads)
-    size = torch.empty((), dtype=dtype).element_size()
-    return int(text.num_hidden_layers) * 2 * kv_heads * head_dim * size
+    return int(text.num_hidden_layers), kv_heads, head_dim
+
+
+def kv_bytes_per_token(config: Any, dtype: torch.dtype) -> int:
+    """KV-cache bytes one token costs for a (Phi-3-style) language model config."""
+    layers, kv_heads, head_dim = kv_geometry(config)
+    return layers * 2 * kv_heads * head_dim * torch.empty((), dtype=dtype).element_size()
 
 
 def weight_bytes(model: torch.nn.Module) -> int:
