@@ -11,7 +11,10 @@ that bans the stop tokens), greedy:
   after its warm-up.
 
 For each: the start (load + warm-up) and the warm-up alone; alone, the time to the first
-token and the decode speed (tokens after the first / time after the first, median); then
+token and the decode speed (tokens after the first / time after the first, median), each
+engine request followed by the same one through ``generate`` on the same model, so that an
+engine's "vs generate" compares requests run minutes apart, not phases of the run (on
+shared cores a phase can run tens of percent faster or slower than the next); then
 total tokens/s at 1, 4, 8 and 16 concurrent clients arriving at random times (seeded: every
 engine gets the same arrivals), with the CUDA peak memory of each row. ``generate`` serves
 one request at a time, so its tokens/s is its one-at-a-time rate whatever the concurrency.
@@ -24,6 +27,7 @@ import dataclasses
 import logging
 import random
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from typing import Any
 
@@ -196,15 +200,25 @@ def _measure_generate(
 # --- the engine ----------------------------------------------------------------------------
 
 
-async def _alone(engine: LocalEngine, kind: str, config: FastPathConfig) -> dict[str, Any]:
+async def _alone(
+    engine: LocalEngine, kind: str, config: FastPathConfig, generate: Callable[[GenerationRequest], float]
+) -> dict[str, Any]:
+    """Requests alone, each followed by the same question through ``generate`` (its decode
+    tokens/s): the two alternate, so a shared machine's drift hits both alike."""
     firsts: list[float] = []
     rates: list[float] = []
+    generate_rates: list[float] = []
     for n in range(config.alone_runs):
         timed = await timed_request(engine, ask(kind, n, config.max_new_tokens))
         assert timed.first_piece is not None
         firsts.append(timed.first_piece - timed.started)
         rates.append((config.max_new_tokens - 1) / (timed.ended - timed.first_piece))
-    return {"first_piece_s": stats.summary(firsts), "decode_tokens_per_s": stats.summary(rates)}
+        generate_rates.append(await asyncio.to_thread(generate, ask(kind, n, config.max_new_tokens)))
+    return {
+        "first_piece_s": stats.summary(firsts),
+        "decode_tokens_per_s": stats.summary(rates),
+        "generate_decode_tokens_per_s": stats.summary(generate_rates),
+    }
 
 
 async def _load_row(
@@ -251,6 +265,13 @@ async def _measure_engine(
 ) -> dict[str, Any]:
     started = time.perf_counter()
     steering = NeverStop(loaded.stop_token_ids)
+    encoder = PromptEncoder(loaded.processor, settings, None)
+
+    def generate(request: GenerationRequest) -> float:
+        """``generate``'s decode tokens/s for the request (the engine's thread is idle meanwhile)."""
+        first, total = _generate_once(loaded, encoder, request)
+        return (int(request.max_new_tokens or 1) - 1) / (total - first)
+
     async with running_engine(settings, steering, loader=lambda _: loaded) as engine:
         result: dict[str, Any] = {
             "mode": name,
@@ -259,7 +280,7 @@ async def _measure_engine(
             "warm_up_s": engine.warm_up_seconds,
         }
         for kind in KINDS:
-            alone = await _alone(engine, kind, config)
+            alone = await _alone(engine, kind, config, generate)
             single = (
                 alone["first_piece_s"]["median"]
                 + config.max_new_tokens / alone["decode_tokens_per_s"]["median"]
@@ -299,7 +320,9 @@ async def measure_fast_path(model: BenchModel, config: FastPathConfig) -> dict[s
     for mode in modes:
         for kind in KINDS:
             part = mode[kind]
-            part["decode_vs_generate"] = _ratio(_decode(part), _decode(baseline[kind]))
+            # Against the generate requests interleaved with this engine's, where there are any.
+            interleaved = (part.get("generate_decode_tokens_per_s") or {}).get("median")
+            part["decode_vs_generate"] = _ratio(_decode(part), interleaved or _decode(baseline[kind]))
             part["tokens_per_s_vs_generate"] = {
                 str(row["concurrency"]): row["tokens_per_s"] / base["tokens_per_s"]
                 for row, base in zip(part["rows"], baseline[kind]["rows"], strict=True)
