@@ -95,7 +95,14 @@ class Phi3VImageEmbedding(nn.Module):
             raise ValueError(
                 f"unsupported Phi-3-vision image layout: {order}, {settings.get('type_feature')}"
             )
-        self.layer_idx = int(settings.get("layer_idx", -2))
+        layer_idx = int(settings.get("layer_idx", -2))
+        # The features are hidden_states[layer_idx]: the CLIP layers after it never count (the
+        # hub runs them all; vLLM builds the tower without them).
+        self.layers_used = layer_idx if layer_idx >= 0 else vision.num_hidden_layers + 1 + layer_idx
+        if not 0 <= self.layers_used <= vision.num_hidden_layers:
+            raise ValueError(
+                f"layer_idx {layer_idx} is outside the vision tower's {vision.num_hidden_layers} layers"
+            )
         self.side = vision.image_size // vision.patch_size  # patches per crop side (24)
         if self.side % 2:
             raise ValueError(f"the vision tower's {self.side}x{self.side} patches cannot be merged 2x2")
@@ -125,6 +132,14 @@ class Phi3VImageEmbedding(nn.Module):
         newline = self.sub_GN.reshape(1, 1, -1).expand(grid.shape[0], 1, -1).to(grid.dtype)
         return torch.cat([grid, newline], dim=1).reshape(-1, grid.shape[-1])
 
+    def _clip_features(self, crops: torch.Tensor) -> torch.Tensor:
+        """CLIP's hidden states after ``layers_used`` layers (its ``hidden_states[layer_idx]``)."""
+        tower = self.img_processor
+        hidden = tower.pre_layrnorm(tower.embeddings(crops))
+        for layer in tower.encoder.layers[: self.layers_used]:
+            hidden = layer(hidden, None)
+        return hidden
+
     def forward(self, pixel_values: torch.Tensor, image_sizes: torch.Tensor | list) -> torch.Tensor:
         """(images, crops + 1, 3, S, S) and (images, 2) padded H x W -> (image tokens, hidden)."""
         sizes = [(int(h), int(w)) for h, w in torch.as_tensor(image_sizes).reshape(-1, 2).tolist()]
@@ -135,7 +150,7 @@ class Phi3VImageEmbedding(nn.Module):
         crop_index = torch.tensor([k for _, k in used], device=pixel_values.device)
         tower_dtype = self.img_processor.embeddings.patch_embedding.weight.dtype
         crops = pixel_values[image_index, crop_index].to(tower_dtype)
-        hidden = self.img_processor(crops, output_hidden_states=True).hidden_states[self.layer_idx]
+        hidden = self._clip_features(crops)
         patches = hidden[:, 1:]  # no CLS
         pieces: list[torch.Tensor] = []
         start = 0
