@@ -5,12 +5,15 @@ attention through ``slot_attention``, norm, head) over the BUSY rows only, each 
 over the positions it has filled: the step's shape is (busy rows, length), where length
 covers the longest busy row. Eager (COMPILE off) and compiled on the CPU (inductor,
 symbolic shapes) both are exact, so one row's step costs one row; eager, a step whose rows
-all see every position (one row always does) runs with no mask. With CUDA graphs (COMPILE
+all see every position (one row always does) runs with no mask, and on the CPU each run of
+consecutive slots attends over a view of the cache (no copy of the busy rows, however far
+apart their slots are). With CUDA graphs (COMPILE
 on CUDA) both are rounded up to buckets (rows 1, 2, 4, 8, 16...; lengths a multiple of
 ``length_bucket``) so that shapes repeat and graphs replay; the padding rows repeat the
 last busy row (its slot, token and position: the same key/value written twice, its logits
 dropped). The prefill runs eagerly, one chunk of one prompt at a time, the chunk's K/V
-written into its slot.
+written into its slot; on the CPU a chunk past the first attends in two passes with no mask
+(slot_attention), as cheap as the same queries in one forward over the whole prompt.
 """
 
 from __future__ import annotations
@@ -22,7 +25,7 @@ from typing import Any
 import torch
 
 from .kv_cache import SlotCache
-from .slot_attention import chunk_mask, decode_mask, use_slot_attention
+from .slot_attention import Run, can_split_chunks, chunk_mask, decode_mask, runs_of, use_slot_attention
 
 log = logging.getLogger(__name__)
 
@@ -76,6 +79,7 @@ class ModelRunner:
         length_bucket: int = DEFAULT_LENGTH_BUCKET,
     ) -> None:
         self.attention = use_slot_attention(model)
+        self._split_chunks = device.type == "cpu" and can_split_chunks(model)
         self.model = model
         self.device = device
         self.dtype = dtype
@@ -121,16 +125,20 @@ class ModelRunner:
         end = start + embeds.shape[0]
         if end > self.cache.length:
             raise ValueError(f"a {end}-token prompt does not fit a {self.cache.length}-token slot")
+        # Past the first chunk: on the CPU two passes with no mask (slot_attention), else a mask.
+        split = start > 0 and self._split_chunks and (self.window is None or end <= self.window)
+        mask = None if start == 0 or split else chunk_mask(start, end, self.device, self.window)
         with torch.inference_mode():
             hidden = self.model.model(
                 inputs_embeds=embeds[None],
                 position_ids=torch.arange(start, end, device=self.device)[None],
                 # From position 0 the model's own causal mask (or sdpa's is_causal) is right.
-                attention_mask=None if start == 0 else chunk_mask(start, end, self.device, self.window),
+                attention_mask=mask,
                 use_cache=False,
                 slot_cache=self.cache,
                 slot_index=slot,
                 slot_start=start,
+                slot_split=split,
                 rope_length=prompt_length,
             ).last_hidden_state
             logits = self.model.lm_head(hidden[0, -1:]).float()[0]
@@ -181,10 +189,19 @@ class ModelRunner:
         ids = torch.tensor(tokens, dtype=torch.long)[:, None].to(self.device)
         rows = torch.tensor(slots, dtype=torch.long).to(self.device)
         where = torch.tensor(positions, dtype=torch.long).to(self.device)
+        windowed = self.window is not None and length > self.window
         if self.compile:
             logits = self._decode(ids, rows, where, decode_mask(where, length, self.window))
+        elif self.device.type == "cpu" and not windowed:  # runs of consecutive slots, no gather
+            order = sorted(range(len(slots)), key=slots.__getitem__)
+            runs = runs_of([slots[i] for i in order], [positions[i] for i in order])
+            if order == sorted(order):
+                logits = self._decode_forward(ids, rows, where, None, runs=runs)
+            else:  # the step's rows sorted by slot, and the logits back in the step's order
+                index = torch.tensor(order, device=self.device)
+                logits = self._decode_forward(ids[index], rows[index], where[index], None, runs=runs)
+                logits = logits[torch.argsort(index)]
         else:  # eager: no mask when every row sees all ``length`` positions (one row always does)
-            windowed = self.window is not None and length > self.window
             sees_all = not windowed and all(p == length - 1 for p in positions)
             mask = None if sees_all else decode_mask(where, length, self.window)
             logits = self._decode_forward(ids, rows, where, mask, first, length)
@@ -199,6 +216,7 @@ class ModelRunner:
         mask: torch.Tensor | None,
         first: int | None = None,
         length: int | None = None,
+        runs: list[Run] | None = None,
     ) -> torch.Tensor:
         # The model's own modules, called directly (gpt-fast's shape): Phi3Model.forward's
         # wrappers and mask building cost more than a tiny step itself; the mask is ours.
@@ -217,5 +235,6 @@ class ModelRunner:
                 slot_positions=positions,
                 slot_first=first,
                 slot_length=length,
+                slot_runs=runs,
             )
         return self.model.lm_head(language.norm(hidden)[:, -1])

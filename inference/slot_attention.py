@@ -12,6 +12,7 @@ none, sdpa's ``is_causal``). Without ``slot_cache`` it is the model's original a
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -38,8 +39,10 @@ def _slot_attention(fallback: Any) -> Any:
         slot_positions: torch.Tensor | None = None,
         slot_first: int | None = None,
         slot_length: int | None = None,
+        slot_runs: list[Run] | None = None,
         slot_index: int | None = None,
         slot_start: int = 0,
+        slot_split: bool = False,
         scaling: float | None = None,
         **kwargs: Any,
     ) -> tuple[torch.Tensor, None]:
@@ -49,6 +52,8 @@ def _slot_attention(fallback: Any) -> Any:
         if slot_index is None:  # decode: one token per row, rows gathered from their slots
             assert slot_rows is not None and slot_positions is not None
             slot_cache.write_tokens(layer, slot_rows, slot_positions, key, value)
+            if slot_runs is not None:  # runs of consecutive slots, each a view of the cache
+                return _by_runs(module, query, slot_cache, slot_runs, scaling), None
             # No mask (eager, every row sees all its positions): the length comes on its own.
             length = attention_mask.shape[-1] if attention_mask is not None else slot_length
             assert length is not None
@@ -59,6 +64,8 @@ def _slot_attention(fallback: Any) -> Any:
         else:  # a prefill chunk of one slot
             slot_cache.write_span(layer, slot_index, slot_start, key, value)
             keys, values = slot_cache.read_slot(layer, slot_index, slot_start + query.shape[2])
+            if slot_split:  # the model's own mask (if any) is over the chunk alone: not used
+                return _chunk_in_two(query, keys, values, slot_start, scaling), None
         output = F.scaled_dot_product_attention(
             query,
             keys.to(query.dtype),
@@ -73,6 +80,87 @@ def _slot_attention(fallback: Any) -> Any:
         return output.transpose(1, 2).contiguous(), None
 
     return attention
+
+
+@dataclass(frozen=True)
+class Run:
+    """Decode rows in consecutive slots ``first .. first + rows - 1`` (and consecutive rows of
+    the step), over their first ``length`` positions; ``mask``: who sees what, where their
+    lengths differ (None: every row sees all ``length``)."""
+
+    first: int
+    rows: int
+    length: int
+    mask: torch.Tensor | None
+
+
+def runs_of(slots: list[int], positions: list[int]) -> list[Run]:
+    """The runs of consecutive slots in a step whose rows are sorted by slot."""
+    runs: list[Run] = []
+    begin = 0
+    for row in range(1, len(slots) + 1):
+        if row < len(slots) and slots[row] == slots[row - 1] + 1:
+            continue
+        own = positions[begin:row]
+        length = max(own) + 1
+        mask = None
+        if any(p != length - 1 for p in own):
+            mask = decode_mask(torch.tensor(own), length)
+        runs.append(Run(slots[begin], row - begin, length, mask))
+        begin = row
+    return runs
+
+
+def _by_runs(
+    module: torch.nn.Module, query: torch.Tensor, cache: SlotCache, runs: list[Run], scaling: float | None
+) -> torch.Tensor:
+    """Decode attention run by run, each over a view of its slots (no gather): a row's cost is
+    its run's, not the whole step's (the eager CPU step)."""
+    layer = module.layer_idx
+    outputs = []
+    row = 0
+    for run in runs:
+        keys, values = cache.read_rows(layer, run.first, run.rows, run.length)
+        outputs.append(
+            F.scaled_dot_product_attention(
+                query[row : row + run.rows],
+                keys.to(query.dtype),
+                values.to(query.dtype),
+                attn_mask=run.mask,
+                scale=scaling,
+                enable_gqa=module.num_key_value_groups > 1,
+            )
+        )
+        row += run.rows
+    output = outputs[0] if len(outputs) == 1 else torch.cat(outputs)
+    return output.transpose(1, 2).contiguous()
+
+
+def _chunk_in_two(
+    query: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, start: int, scaling: float | None
+) -> torch.Tensor:
+    """A prompt chunk's attention with no mask (CPU): all of the ``start`` positions before it,
+    then causal over its own, merged by their log-sum-exps. The same attention as one masked
+    pass (to rounding), which computes every (query, key) pair of the chunk's own square and
+    runs a slower kernel on the CPU; this costs what one forward over the whole prompt spends
+    on these queries."""
+    before, before_lse = _flash_cpu(query, keys[:, :, :start], values[:, :, :start], scale=scaling)
+    own, own_lse = _flash_cpu(query, keys[:, :, start:], values[:, :, start:], is_causal=True, scale=scaling)
+    lse = torch.logaddexp(before_lse, own_lse)
+    output = before * (before_lse - lse).exp()[..., None] + own * (own_lse - lse).exp()[..., None]
+    return output.to(query.dtype).transpose(1, 2).contiguous()
+
+
+def can_split_chunks(model: Any) -> bool:
+    """Whether ``_chunk_in_two`` can run this model's prefill chunks: on the CPU (torch's CPU
+    flash kernel, which returns the log-sum-exp), without grouped key/value heads."""
+    config = model.config
+    heads = config.num_attention_heads
+    return _flash_cpu is not None and getattr(config, "num_key_value_heads", heads) == heads
+
+
+# (output, logsumexp); the public sdpa returns no log-sum-exp.
+_flash_cpu = getattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu", None)
 
 
 def use_slot_attention(model: Any) -> str:

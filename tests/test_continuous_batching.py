@@ -242,12 +242,40 @@ async def test_one_busy_row_among_sixteen_slots_reads_one_rows_positions(
             PromptEncoder(engine.loaded.processor, settings, None).encode(request, 10)["input_ids"].shape[1]
         )
         heads = engine.loaded.model.config.num_attention_heads
-        # Each decode step gathers one row over the positions it has filled, in every layer.
+        # Each decode step reads one row over the positions it has filled, in every layer.
         steps = tokens_of(engine, text)  # 10 tokens: the first from the prefill, 9 decoded
         assert len(reads) == (steps - 1) * engine.loaded.model.config.num_hidden_layers
         assert {shape[:2] for shape in reads} == {(1, heads)}
         assert sorted({shape[2] for shape in reads}) == list(range(prompt + 1, prompt + steps))
         assert engine.core.runner.last_decode_shape == (1, prompt + steps - 1)  # type: ignore[attr-defined]
+
+
+async def test_rows_in_slots_apart_read_their_own_slots_not_a_gather(
+    tiny_model_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    gathered: list[tuple[int, ...]] = []
+    views: list[tuple[int, int]] = []  # (first slot, rows) of each decode read
+    read, read_rows = SlotCache.read, SlotCache.read_rows
+
+    def recording_read(self: SlotCache, layer: int, rows: torch.Tensor, length: int) -> Any:
+        gathered.append(tuple(rows.tolist()))
+        return read(self, layer, rows, length)
+
+    def recording_read_rows(self: SlotCache, layer: int, first: int, rows: int, length: int) -> Any:
+        views.append((first, rows))
+        return read_rows(self, layer, first, rows, length)
+
+    monkeypatch.setattr(SlotCache, "read", recording_read)
+    monkeypatch.setattr(SlotCache, "read_rows", recording_read_rows)
+    # Slots 0, 1, 2; the middle answer ends first, and the other two decode in slots 0 and 2.
+    asked = [ask(conversation(0), 20), ask(conversation(0, words=3), 3), ask(conversation(0, words=6), 20)]
+    async with running(settings_for(tiny_model_dir)) as engine:
+        views.clear()
+        answers = await asyncio.gather(*(answer(engine, request) for request in asked))
+        assert list(answers) == [generate(engine, request) for request in asked]
+    assert not gathered  # eager on the CPU: never a copy of the busy rows' cache
+    assert (0, 3) in views  # all three together: one view of three slots
+    assert (0, 1) in views and (2, 1) in views  # slots 0 and 2: a view of each
 
 
 async def test_across_the_longrope_switch(longrope_dir: Path, caplog: pytest.LogCaptureFixture) -> None:
