@@ -25,7 +25,15 @@ from typing import Any
 import torch
 
 from .kv_cache import SlotCache
-from .slot_attention import Run, can_split_chunks, chunk_mask, decode_mask, runs_of, use_slot_attention
+from .slot_attention import (
+    Run,
+    can_split_chunks,
+    chunk_mask,
+    decode_attention,
+    decode_mask,
+    runs_of,
+    use_slot_attention,
+)
 
 log = logging.getLogger(__name__)
 
@@ -94,6 +102,10 @@ class ModelRunner:
         self._row_buckets = row_buckets(cache.slots) if self.graphs else None
         self._embed_tokens = model.get_input_embeddings()
         self._layers = list(model.model.layers[: model.config.num_hidden_layers])
+        config = model.config
+        self._head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+        kv_width = config.num_key_value_heads * self._head_dim
+        self._qkv_split = (config.num_attention_heads * self._head_dim, kv_width, kv_width)
         self._decode = self._decode_forward
         # What the last decode step ran: (rows, length), padding included.
         self.last_decode_shape: tuple[int, int] | None = None
@@ -218,23 +230,38 @@ class ModelRunner:
         length: int | None = None,
         runs: list[Run] | None = None,
     ) -> torch.Tensor:
-        # The model's own modules, called directly (gpt-fast's shape): Phi3Model.forward's
-        # wrappers and mask building cost more than a tiny step itself; the mask is ours.
+        """One token per row through the model's own modules, the step written out (gpt-fast's
+        shape): Phi3DecoderLayer's and Phi3Attention's forwards, with the attention over the
+        cache, minus their wrappers, which cost more than a tiny model's step (the same
+        operations in the same order: bitwise the model's own). ``length``: positions read
+        (None: the mask's; with ``runs``, each run's own)."""
         language = self.model.model
-        hidden = self._embed_tokens(ids)
-        position_ids = positions[:, None]
-        rotary = language.rotary_emb(hidden, position_ids)
+        hidden = self._embed_tokens(ids)  # rows x 1 x hidden
+        cos, sin = language.rotary_emb(hidden, positions[:, None])
+        cos, sin = cos[:, None], sin[:, None]  # over the heads
+        count = ids.shape[0]
+        seen = length if length is not None else 0 if mask is None else mask.shape[-1]
         for layer in self._layers:
-            hidden = layer(
-                hidden,
-                attention_mask=mask,
-                position_ids=position_ids,
-                position_embeddings=rotary,
-                slot_cache=self.cache,
-                slot_rows=rows,
-                slot_positions=positions,
-                slot_first=first,
-                slot_length=length,
-                slot_runs=runs,
+            attention = layer.self_attn
+            qkv = attention.qkv_proj(layer.input_layernorm(hidden))
+            query, key, value = (
+                part.view(count, 1, -1, self._head_dim).transpose(1, 2)
+                for part in qkv.split(self._qkv_split, dim=-1)
             )
+            query, key = _rotate(query, cos, sin), _rotate(key, cos, sin)
+            output = decode_attention(
+                attention, query, key, value, self.cache, rows, positions, seen, mask, first=first, runs=runs
+            )
+            hidden = hidden + attention.o_proj(output.reshape(count, 1, -1))
+            hidden = hidden + layer.mlp(layer.post_attention_layernorm(hidden))
         return self.model.lm_head(language.norm(hidden)[:, -1])
+
+
+def _rotate(states: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """transformers' ``apply_rotary_pos_emb`` on one tensor (rotary over the first cos.shape[-1]
+    dims of each head, the rest as they are)."""
+    dim = cos.shape[-1]
+    turning, passing = states[..., :dim], states[..., dim:]
+    half = dim // 2
+    rotated = torch.cat((-turning[..., half:], turning[..., :half]), dim=-1)
+    return torch.cat([(turning * cos) + (rotated * sin), passing], dim=-1)

@@ -1,13 +1,15 @@
 """The attention function that reads and writes the engine's ``SlotCache``.
 
-Registered with transformers' ``AttentionInterface`` (``use_slot_attention``), so the
-engine runs the model's own ``Phi3Model`` forward and only attention differs: given
-``slot_cache=`` (and where to write) in the forward's keyword arguments, which transformers
-hands down to every attention call, it writes the new keys/values into the cache and
-attends over the rows' cached positions, with the 4-D mask the runner passes (a 4-D mask
-reaches attention as it is; a prompt's first chunk gets transformers' own causal mask, or
-none, sdpa's ``is_causal``). Without ``slot_cache`` it is the model's original attention
-(sdpa, eager or flash), so HF ``generate`` on the same model is unchanged.
+For a prefill chunk it is registered with transformers' ``AttentionInterface``
+(``use_slot_attention``), so the engine runs the model's own ``Phi3Model`` forward and only
+attention differs: given ``slot_cache=`` and ``slot_index=`` in the forward's keyword
+arguments, which transformers hands down to every attention call, it writes the chunk's
+keys/values into its slot and attends over the slot's cached positions, with the 4-D mask
+the runner passes (a 4-D mask reaches attention as it is; a prompt's first chunk gets
+transformers' own causal mask, or none, sdpa's ``is_causal``). Without them it is the
+model's original attention (sdpa, eager or flash), so HF ``generate`` on the same model is
+unchanged. A decode step's attention (``decode_attention``) is called by the runner's own
+step function.
 """
 
 from __future__ import annotations
@@ -35,51 +37,72 @@ def _slot_attention(fallback: Any) -> Any:
         attention_mask: torch.Tensor | None,
         *,
         slot_cache: SlotCache | None = None,
-        slot_rows: torch.Tensor | None = None,
-        slot_positions: torch.Tensor | None = None,
-        slot_first: int | None = None,
-        slot_length: int | None = None,
-        slot_runs: list[Run] | None = None,
         slot_index: int | None = None,
         slot_start: int = 0,
         slot_split: bool = False,
         scaling: float | None = None,
         **kwargs: Any,
     ) -> tuple[torch.Tensor, None]:
-        if slot_cache is None:
+        if slot_cache is None or slot_index is None:
             return fallback(module, query, key, value, attention_mask, scaling=scaling, **kwargs)
+        # A prefill chunk of one slot.
         layer = module.layer_idx
-        if slot_index is None:  # decode: one token per row, rows gathered from their slots
-            assert slot_rows is not None and slot_positions is not None
-            slot_cache.write_tokens(layer, slot_rows, slot_positions, key, value)
-            if slot_runs is not None:  # runs of consecutive slots, each a view of the cache
-                return _by_runs(module, query, slot_cache, slot_runs, scaling), None
-            # No mask (eager, every row sees all its positions): the length comes on its own.
-            length = attention_mask.shape[-1] if attention_mask is not None else slot_length
-            assert length is not None
-            if slot_first is None:
-                keys, values = slot_cache.read(layer, slot_rows, length)
-            else:  # consecutive slots (eager): a view, no gather
-                keys, values = slot_cache.read_rows(layer, slot_first, query.shape[0], length)
-        else:  # a prefill chunk of one slot
-            slot_cache.write_span(layer, slot_index, slot_start, key, value)
-            keys, values = slot_cache.read_slot(layer, slot_index, slot_start + query.shape[2])
-            if slot_split:  # the model's own mask (if any) is over the chunk alone: not used
-                return _chunk_in_two(query, keys, values, slot_start, scaling), None
+        slot_cache.write_span(layer, slot_index, slot_start, key, value)
+        keys, values = slot_cache.read_slot(layer, slot_index, slot_start + query.shape[2])
+        if slot_split:  # the model's own mask (if any) is over the chunk alone: not used
+            return _chunk_in_two(query, keys, values, slot_start, scaling), None
         output = F.scaled_dot_product_attention(
             query,
             keys.to(query.dtype),
             values.to(query.dtype),
             attn_mask=attention_mask,
-            # A first chunk with no mask: plain causal (transformers found no padding or window);
-            # a decode step with none: one query per row, every position visible.
-            is_causal=attention_mask is None and slot_index is not None,
+            # A first chunk with no mask: plain causal (transformers found no padding or window).
+            is_causal=attention_mask is None,
             scale=scaling,
             enable_gqa=module.num_key_value_groups > 1,
         )
         return output.transpose(1, 2).contiguous(), None
 
     return attention
+
+
+def decode_attention(
+    module: torch.nn.Module,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    cache: SlotCache,
+    rows: torch.Tensor,
+    positions: torch.Tensor,
+    length: int,
+    mask: torch.Tensor | None = None,
+    *,
+    first: int | None = None,
+    runs: list[Run] | None = None,
+) -> torch.Tensor:
+    """A decode step's attention (rows x heads x 1 x dim in; rows x 1 x heads x dim out): each
+    row writes its key/value at its position in its slot, then attends over the first
+    ``length`` positions (``mask``: rows x 1 x 1 x length, None: every row sees them all),
+    read as a gather of the rows, as a view of consecutive slots from ``first``, or ``runs``
+    by runs (the eager CPU step)."""
+    layer = module.layer_idx
+    cache.write_tokens(layer, rows, positions, key, value)
+    scaling = module.scaling
+    if runs is not None:
+        return _by_runs(module, query, cache, runs, scaling)
+    if first is None:
+        keys, values = cache.read(layer, rows, length)
+    else:
+        keys, values = cache.read_rows(layer, first, query.shape[0], length)
+    output = F.scaled_dot_product_attention(
+        query,
+        keys.to(query.dtype),
+        values.to(query.dtype),
+        attn_mask=mask,
+        scale=scaling,
+        enable_gqa=module.num_key_value_groups > 1,
+    )
+    return output.transpose(1, 2).contiguous()
 
 
 @dataclass(frozen=True)
