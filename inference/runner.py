@@ -261,7 +261,9 @@ def _rotate(states: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch
     """transformers' ``apply_rotary_pos_emb`` on one tensor (rotary over the first cos.shape[-1]
     dims of each head, the rest as they are)."""
     dim = cos.shape[-1]
-    turning, passing = states[..., :dim], states[..., dim:]
+    turning = states[..., :dim]
     half = dim // 2
-    rotated = torch.cat((-turning[..., half:], turning[..., :half]), dim=-1)
-    return torch.cat([(turning * cos) + (rotated * sin), passing], dim=-1)
+    rotated = (turning * cos) + (torch.cat((-turning[..., half:], turning[..., :half]), dim=-1) * sin)
+    if dim == states.shape[-1]:  # all of each head turns (Phi-3): nothing to append
+        return rotated
+    return torch.cat([rotated, states[..., dim:]], dim=-1)
