@@ -16,7 +16,8 @@ engine request followed by the same one through ``generate`` on the same model, 
 engine's "vs generate" compares requests run minutes apart, not phases of the run (on
 shared cores a phase can run tens of percent faster or slower than the next); then
 total tokens/s at 1, 4, 8 and 16 concurrent clients arriving at random times (seeded: every
-engine gets the same arrivals), with the CUDA peak memory of each row. ``generate`` serves
+engine gets the same arrivals), with the CUDA peak memory of each row, each row followed by
+``generate`` one request at a time, against which its ratio is. ``generate`` serves
 one request at a time, so its tokens/s is its one-at-a-time rate whatever the concurrency.
 """
 
@@ -272,6 +273,15 @@ async def _measure_engine(
         first, total = _generate_once(loaded, encoder, request)
         return (int(request.max_new_tokens or 1) - 1) / (total - first)
 
+    def one_at_a_time(kind: str) -> float:
+        """``generate``'s total tokens/s over ``alone_runs`` requests one at a time, run right
+        after a load row, so that the row's ratio compares neighbours, not phases of the run."""
+        totals = [
+            _generate_once(loaded, encoder, ask(kind, 500 + n, config.max_new_tokens))[1]
+            for n in range(config.alone_runs)
+        ]
+        return config.max_new_tokens * len(totals) / sum(totals)
+
     async with running_engine(settings, steering, loader=lambda _: loaded) as engine:
         result: dict[str, Any] = {
             "mode": name,
@@ -286,12 +296,14 @@ async def _measure_engine(
                 + config.max_new_tokens / alone["decode_tokens_per_s"]["median"]
             )
             rows = []
+            beside: dict[str, float] = {}  # generate one at a time, right after each row
             for concurrency in config.concurrency:
                 # Pauses between a client's requests: about a tenth of one answer alone.
                 row = await _load_row(engine, kind, concurrency, config, single / 10, device)
                 log.info("%s, %s x%d: %.0f tokens/s", name, kind, concurrency, row.tokens_per_s)
                 rows.append(asdict(row))
-            result[kind] = {**alone, "rows": rows}
+                beside[str(concurrency)] = await asyncio.to_thread(one_at_a_time, kind)
+            result[kind] = {**alone, "rows": rows, "generate_tokens_per_s_beside": beside}
     return result
 
 
@@ -323,8 +335,11 @@ async def measure_fast_path(model: BenchModel, config: FastPathConfig) -> dict[s
             # Against the generate requests interleaved with this engine's, where there are any.
             interleaved = (part.get("generate_decode_tokens_per_s") or {}).get("median")
             part["decode_vs_generate"] = _ratio(_decode(part), interleaved or _decode(baseline[kind]))
+            # Against generate one at a time right after the row, where it ran (the engines).
+            beside = part.get("generate_tokens_per_s_beside") or {}
             part["tokens_per_s_vs_generate"] = {
-                str(row["concurrency"]): row["tokens_per_s"] / base["tokens_per_s"]
+                str(row["concurrency"]): row["tokens_per_s"]
+                / beside.get(str(row["concurrency"]), base["tokens_per_s"])
                 for row, base in zip(part["rows"], baseline[kind]["rows"], strict=True)
             }
     return {

@@ -123,7 +123,7 @@ def fast_path_tables(result: dict[str, Any]) -> str:
             "vs generate",
         ]
         + [f"tokens/s at {row['concurrency']}" for row in modes[0][result["kinds"][0]]["rows"]]
-        + ["peak GPU memory (GiB)"]
+        + ["generate right after each, tokens/s", "peak GPU memory (GiB)"]
     )
     rows = []
     for kind in result["kinds"]:
@@ -132,6 +132,7 @@ def fast_path_tables(result: dict[str, Any]) -> str:
             decode = part["decode_tokens_per_s"]
             start, warm = m.get("start_s"), m.get("warm_up_s")
             peaks = [r["peak_memory_gib"] for r in part["rows"] if r["peak_memory_gib"] is not None]
+            beside = part.get("generate_tokens_per_s_beside") or {}  # engines only
             rows.append(
                 [
                     kind,
@@ -145,6 +146,7 @@ def fast_path_tables(result: dict[str, Any]) -> str:
                     _times(part["decode_vs_generate"]),
                 ]
                 + [_rate(r, part["tokens_per_s_vs_generate"]) for r in part["rows"]]
+                + [" / ".join(f"{rate:.0f}" for rate in beside.values())]
                 + ["n/a (CPU)" if not peaks else f"{max(peaks):.1f}"]
             )
     parts.append(table(header, rows))
