@@ -1,7 +1,9 @@
 """The model runner: prefill chunks and decode steps of the native model over a ``SlotCache``.
 
-A decode step runs the model's own modules (embedding, rotary, ``Phi3DecoderLayer``s with
-attention through ``slot_attention``, norm, head) over the BUSY rows only, each attending
+Prefill chunks and decode steps run the model's own modules (embedding, rotary, each
+``Phi3DecoderLayer``'s norms, projections and MLP, norm, head) through one layer loop of
+the runner's (``_through_layers``), with attention over the cache (``slot_attention``); the
+model itself is left as it is for ``generate``. A decode step runs over the BUSY rows only, each attending
 over the positions it has filled: the step's shape is (busy rows, length), where length
 covers the longest busy row. Eager (COMPILE off) and compiled on the CPU (inductor,
 symbolic shapes) both are exact, so one row's step costs one row; eager, a step whose rows
@@ -19,7 +21,7 @@ written into its slot; on the CPU a chunk past the first attends in two passes w
 from __future__ import annotations
 
 import logging
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import torch
@@ -28,16 +30,19 @@ from .kv_cache import SlotCache
 from .slot_attention import (
     Run,
     can_split_chunks,
+    chunk_attention,
     chunk_mask,
     decode_attention,
     decode_mask,
     runs_of,
-    use_slot_attention,
 )
 
 log = logging.getLogger(__name__)
 
 DEFAULT_LENGTH_BUCKET = 256
+
+# A layer's attention over the cache: (the layer's Phi3Attention, query, key, value) -> output.
+Attend = Callable[[Any, torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
 
 
 def row_buckets(slots: int) -> list[int]:
@@ -86,7 +91,6 @@ class ModelRunner:
         compile: bool = False,
         length_bucket: int = DEFAULT_LENGTH_BUCKET,
     ) -> None:
-        self.attention = use_slot_attention(model)
         self._split_chunks = device.type == "cpu" and can_split_chunks(model)
         self.model = model
         self.device = device
@@ -137,22 +141,22 @@ class ModelRunner:
         end = start + embeds.shape[0]
         if end > self.cache.length:
             raise ValueError(f"a {end}-token prompt does not fit a {self.cache.length}-token slot")
-        # Past the first chunk: on the CPU two passes with no mask (slot_attention), else a mask.
-        split = start > 0 and self._split_chunks and (self.window is None or end <= self.window)
-        mask = None if start == 0 or split else chunk_mask(start, end, self.device, self.window)
+        # From position 0: causal (sdpa's is_causal); past it, on the CPU two passes with no
+        # mask (slot_attention), else a mask; a sliding window that bites: a mask.
+        unwindowed = self.window is None or end <= self.window
+        split = start > 0 and unwindowed and self._split_chunks
+        mask = None
+        if not unwindowed or not (start == 0 or split):
+            mask = chunk_mask(start, end, self.device, self.window)
+
+        def attend(module: Any, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor) -> torch.Tensor:
+            return chunk_attention(module, query, key, value, self.cache, slot, start, mask, split=split)
+
         with torch.inference_mode():
-            hidden = self.model.model(
-                inputs_embeds=embeds[None],
-                position_ids=torch.arange(start, end, device=self.device)[None],
-                # From position 0 the model's own causal mask (or sdpa's is_causal) is right.
-                attention_mask=mask,
-                use_cache=False,
-                slot_cache=self.cache,
-                slot_index=slot,
-                slot_start=start,
-                slot_split=split,
-                rope_length=prompt_length,
-            ).last_hidden_state
+            positions = torch.arange(start, end, device=self.device)[None]
+            # A chunk's rotary factors are its whole prompt's, as one forward over it has them.
+            rotary = self.model.model.rotary_emb.as_of(embeds, positions, prompt_length)
+            hidden = self._through_layers(embeds[None], rotary, attend)
             logits = self.model.lm_head(hidden[0, -1:]).float()[0]
         self.cache.advance(slot, end - start)
         return logits
@@ -230,31 +234,41 @@ class ModelRunner:
         length: int | None = None,
         runs: list[Run] | None = None,
     ) -> torch.Tensor:
-        """One token per row through the model's own modules, the step written out (gpt-fast's
-        shape): Phi3DecoderLayer's and Phi3Attention's forwards, with the attention over the
-        cache, minus their wrappers, which cost more than a tiny model's step (the same
-        operations in the same order: bitwise the model's own). ``length``: positions read
-        (None: the mask's; with ``runs``, each run's own)."""
-        language = self.model.model
-        hidden = self._embed_tokens(ids)  # rows x 1 x hidden
-        cos, sin = language.rotary_emb(hidden, positions[:, None])
-        cos, sin = cos[:, None], sin[:, None]  # over the heads
-        count = ids.shape[0]
+        """One token per row; ``length``: positions read (None: the mask's; with ``runs``,
+        each run's own). See ``_through_layers``."""
         seen = length if length is not None else 0 if mask is None else mask.shape[-1]
+
+        def attend(module: Any, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor) -> torch.Tensor:
+            return decode_attention(
+                module, query, key, value, self.cache, rows, positions, seen, mask, first=first, runs=runs
+            )
+
+        hidden = self._embed_tokens(ids)  # rows x 1 x hidden
+        rotary = self.model.model.rotary_emb.as_of(hidden, positions[:, None])  # each row's own
+        return self.model.lm_head(self._through_layers(hidden, rotary, attend)[:, -1])
+
+    def _through_layers(
+        self, hidden: torch.Tensor, rotary: tuple[torch.Tensor, torch.Tensor], attend: Attend
+    ) -> torch.Tensor:
+        """``hidden`` (rows x positions x hidden) through the decoder layers and the final norm:
+        Phi3DecoderLayer's and Phi3Attention's forwards written out over the model's own
+        modules (gpt-fast's shape), with ``attend`` over the cache, minus their wrappers and
+        transformers' dispatch, which cost more than a tiny model's step (the same operations
+        in the same order: bitwise the model's own)."""
+        rows, count = hidden.shape[:2]
+        cos, sin = rotary[0][:, None], rotary[1][:, None]  # over the heads
         for layer in self._layers:
             attention = layer.self_attn
             qkv = attention.qkv_proj(layer.input_layernorm(hidden))
-            query, key, value = (
-                part.view(count, 1, -1, self._head_dim).transpose(1, 2)
+            query, key, value = [
+                part.view(rows, count, -1, self._head_dim).transpose(1, 2)
                 for part in qkv.split(self._qkv_split, dim=-1)
-            )
+            ]
             query, key = _rotate(query, cos, sin), _rotate(key, cos, sin)
-            output = decode_attention(
-                attention, query, key, value, self.cache, rows, positions, seen, mask, first=first, runs=runs
-            )
-            hidden = hidden + attention.o_proj(output.reshape(count, 1, -1))
+            output = attend(attention, query, key, value)
+            hidden = hidden + attention.o_proj(output.reshape(rows, count, -1))
             hidden = hidden + layer.mlp(layer.post_attention_layernorm(hidden))
-        return self.model.lm_head(language.norm(hidden)[:, -1])
+        return self.model.model.norm(hidden)
 
 
 def _rotate(states: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:

@@ -1,15 +1,9 @@
-"""The attention function that reads and writes the engine's ``SlotCache``.
-
-For a prefill chunk it is registered with transformers' ``AttentionInterface``
-(``use_slot_attention``), so the engine runs the model's own ``Phi3Model`` forward and only
-attention differs: given ``slot_cache=`` and ``slot_index=`` in the forward's keyword
-arguments, which transformers hands down to every attention call, it writes the chunk's
-keys/values into its slot and attends over the slot's cached positions, with the 4-D mask
-the runner passes (a 4-D mask reaches attention as it is; a prompt's first chunk gets
-transformers' own causal mask, or none, sdpa's ``is_causal``). Without them it is the
-model's original attention (sdpa, eager or flash), so HF ``generate`` on the same model is
-unchanged. A decode step's attention (``decode_attention``) is called by the runner's own
-step function.
+"""Attention over the engine's ``SlotCache``: a prefill chunk's (``chunk_attention``) and a
+decode step's (``decode_attention``), called by the runner's own layer loop (runner.py) over
+the model's modules. Each writes the new keys/values into the cache and attends over the
+positions its rows have filled, through ``F.scaled_dot_product_attention``; the model's own
+attention (sdpa, eager or flash) is untouched, so HF ``generate`` on the same model is
+unchanged.
 """
 
 from __future__ import annotations
@@ -19,51 +13,41 @@ from typing import Any
 
 import torch
 from torch.nn import functional as F
-from transformers import AttentionInterface
-from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, AttentionMaskInterface
-from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
 from .kv_cache import SlotCache
 
-PREFIX = "seebot_slots"
 
-
-def _slot_attention(fallback: Any) -> Any:
-    def attention(
-        module: torch.nn.Module,
-        query: torch.Tensor,
-        key: torch.Tensor,
-        value: torch.Tensor,
-        attention_mask: torch.Tensor | None,
-        *,
-        slot_cache: SlotCache | None = None,
-        slot_index: int | None = None,
-        slot_start: int = 0,
-        slot_split: bool = False,
-        scaling: float | None = None,
-        **kwargs: Any,
-    ) -> tuple[torch.Tensor, None]:
-        if slot_cache is None or slot_index is None:
-            return fallback(module, query, key, value, attention_mask, scaling=scaling, **kwargs)
-        # A prefill chunk of one slot.
-        layer = module.layer_idx
-        slot_cache.write_span(layer, slot_index, slot_start, key, value)
-        keys, values = slot_cache.read_slot(layer, slot_index, slot_start + query.shape[2])
-        if slot_split:  # the model's own mask (if any) is over the chunk alone: not used
-            return _chunk_in_two(query, keys, values, slot_start, scaling), None
-        output = F.scaled_dot_product_attention(
-            query,
-            keys.to(query.dtype),
-            values.to(query.dtype),
-            attn_mask=attention_mask,
-            # A first chunk with no mask: plain causal (transformers found no padding or window).
-            is_causal=attention_mask is None,
-            scale=scaling,
-            enable_gqa=module.num_key_value_groups > 1,
-        )
-        return output.transpose(1, 2).contiguous(), None
-
-    return attention
+def chunk_attention(
+    module: torch.nn.Module,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    cache: SlotCache,
+    slot: int,
+    start: int,
+    mask: torch.Tensor | None,
+    *,
+    split: bool = False,
+) -> torch.Tensor:
+    """A prefill chunk's attention (1 x heads x n x dim in; 1 x n x heads x dim out): its keys
+    and values go into ``slot`` at ``[start, start + n)``, then it attends over the slot's
+    first ``start + n`` positions: with ``mask`` (1 x 1 x n x start + n), or none, causal
+    (the first chunk), or ``split``: in two passes (``_chunk_in_two``, the CPU)."""
+    layer = module.layer_idx
+    cache.write_span(layer, slot, start, key, value)
+    keys, values = cache.read_slot(layer, slot, start + query.shape[2])
+    if split:
+        return _chunk_in_two(query, keys, values, start, module.scaling)
+    output = F.scaled_dot_product_attention(
+        query,
+        keys.to(query.dtype),
+        values.to(query.dtype),
+        attn_mask=mask,
+        is_causal=mask is None,
+        scale=module.scaling,
+        enable_gqa=module.num_key_value_groups > 1,
+    )
+    return output.transpose(1, 2).contiguous()
 
 
 def decode_attention(
@@ -184,20 +168,6 @@ def can_split_chunks(model: Any) -> bool:
 
 # (output, logsumexp); the public sdpa returns no log-sum-exp.
 _flash_cpu = getattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu", None)
-
-
-def use_slot_attention(model: Any) -> str:
-    """Switch ``model`` to the slot-cache attention over its current implementation; returns
-    the implementation's name. Idempotent."""
-    current = model.config._attn_implementation
-    if current.startswith(PREFIX):
-        return current
-    name = f"{PREFIX}_{current}"
-    if name not in ALL_ATTENTION_FUNCTIONS:
-        AttentionInterface.register(name, _slot_attention(ALL_ATTENTION_FUNCTIONS[current]))
-        AttentionMaskInterface.register(name, ALL_MASK_ATTENTION_FUNCTIONS[current])
-    model.set_attn_implementation(name)
-    return name
 
 
 def _visible(keys: torch.Tensor, queries: torch.Tensor, window: int | None) -> torch.Tensor:

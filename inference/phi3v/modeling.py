@@ -39,8 +39,9 @@ class LongRopeRotaryEmbedding(Phi3RotaryEmbedding):
     which rows share its batch. For one row they are transformers' numbers exactly. Without
     longrope scaling both vectors are the plain RoPE frequencies.
 
-    ``as_if_length``: while set, rows choose as if they reached that many positions: a chunk of
-    a long prompt gets the factors one forward over the whole prompt would (``generate``'s).
+    ``as_of(x, position_ids, length)``: rows choose as if they reached ``length`` positions: a
+    chunk of a long prompt gets the factors one forward over the whole prompt would
+    (``generate``'s); the engine's runner calls it so.
     """
 
     def __init__(self, config: Phi3VConfig) -> None:
@@ -50,7 +51,6 @@ class LongRopeRotaryEmbedding(Phi3RotaryEmbedding):
             or config.original_max_position_embeddings
         )
         self.long_inv_freq = nn.Buffer(self._frequencies(long=True), persistent=False)
-        self.as_if_length: int | None = None
 
     def _frequencies(self, *, long: bool) -> torch.Tensor:
         if self.rope_type != "longrope":
@@ -65,11 +65,18 @@ class LongRopeRotaryEmbedding(Phi3RotaryEmbedding):
         init.copy_(self.original_inv_freq, short)
         init.copy_(self.long_inv_freq, self._frequencies(long=True))
 
-    @torch.no_grad()
     def forward(self, x: torch.Tensor, position_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.as_of(x, position_ids)
+
+    @torch.no_grad()
+    def as_of(
+        self, x: torch.Tensor, position_ids: torch.Tensor, length: int | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """(cos, sin) for ``position_ids`` (rows x positions); ``length``: each row chooses as
+        if it reached that many positions (see the class docstring)."""
         longest = position_ids.amax(dim=-1, keepdim=True) + 1  # (rows, 1): each row's own
-        if self.as_if_length is not None:
-            longest = longest.clamp(min=self.as_if_length)
+        if length is not None:
+            longest = longest.clamp(min=length)
         inv_freq = torch.where(
             longest > self.original_max_position_embeddings,
             self.long_inv_freq.to(device=x.device, dtype=torch.float)[None, :],
@@ -178,17 +185,6 @@ class Phi3VModel(Phi3Model):
         self.vision_embed_tokens = Phi3VImageEmbedding(config)
         self.rotary_emb = LongRopeRotaryEmbedding(config)
         self.post_init()
-
-    def forward(self, *args: Any, rope_length: int | None = None, **kwargs: Any) -> Any:
-        """``Phi3Model.forward``; ``rope_length``: the rotary factors of a forward that reaches
-        that many positions (a prompt chunk's: its whole prompt's length)."""
-        if rope_length is None:  # generate, and a prompt's single forward
-            return super().forward(*args, **kwargs)
-        self.rotary_emb.as_if_length = rope_length
-        try:
-            return super().forward(*args, **kwargs)
-        finally:
-            self.rotary_emb.as_if_length = None
 
     def _init_weights(self, module: nn.Module) -> None:
         if isinstance(module, LongRopeRotaryEmbedding):
