@@ -3,19 +3,19 @@
 Prefill chunks and decode steps run the model's own modules (embedding, rotary, each
 ``Phi3DecoderLayer``'s norms, projections and MLP, norm, head) through one layer loop of
 the runner's (``_through_layers``), with attention over the cache (``slot_attention``); the
-model itself is left as it is for ``generate``. A decode step runs over the BUSY rows only, each attending
-over the positions it has filled: the step's shape is (busy rows, length), where length
-covers the longest busy row. Eager (COMPILE off) and compiled on the CPU (inductor,
-symbolic shapes) both are exact, so one row's step costs one row; eager, a step whose rows
-all see every position (one row always does) runs with no mask, and on the CPU each run of
-consecutive slots attends over a view of the cache (no copy of the busy rows, however far
-apart their slots are). With CUDA graphs (COMPILE
-on CUDA) both are rounded up to buckets (rows 1, 2, 4, 8, 16...; lengths a multiple of
-``length_bucket``) so that shapes repeat and graphs replay; the padding rows repeat the
-last busy row (its slot, token and position: the same key/value written twice, its logits
-dropped). The prefill runs eagerly, one chunk of one prompt at a time, the chunk's K/V
-written into its slot; on the CPU a chunk past the first attends in two passes with no mask
-(slot_attention), as cheap as the same queries in one forward over the whole prompt.
+model itself is left as it is for ``generate``. A decode step runs over the BUSY rows only,
+each attending over the positions it has filled: the step's shape is (busy rows, length),
+where length covers the longest busy row. Eager (COMPILE off) and compiled on the CPU
+(inductor, symbolic shapes) both are exact, so one row's step costs one row; eager, a step
+whose rows all see every position (one row always does) runs with no mask, and on the CPU
+each run of consecutive slots attends over a view of the cache (no copy of the busy rows,
+however far apart their slots are). With CUDA graphs (COMPILE on CUDA) both are rounded up
+to buckets (rows 1, 2, 4, 8, 16...; lengths a multiple of ``length_bucket``) so that shapes
+repeat and graphs replay; the padding rows repeat the last busy row (its slot, token and
+position: the same key/value written twice, its logits dropped). The prefill runs eagerly,
+one chunk of one prompt at a time, the chunk's K/V written into its slot; on the CPU a chunk
+past the first attends in two passes with no mask (slot_attention), as cheap as the same
+queries in one forward over the whole prompt.
 """
 
 from __future__ import annotations
@@ -145,9 +145,8 @@ class ModelRunner:
         # mask (slot_attention), else a mask; a sliding window that bites: a mask.
         unwindowed = self.window is None or end <= self.window
         split = start > 0 and unwindowed and self._split_chunks
-        mask = None
-        if not unwindowed or not (start == 0 or split):
-            mask = chunk_mask(start, end, self.device, self.window)
+        needs_mask = not unwindowed or (start > 0 and not split)
+        mask = chunk_mask(start, end, self.device, self.window) if needs_mask else None
 
         def attend(module: Any, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor) -> torch.Tensor:
             return chunk_attention(module, query, key, value, self.cache, slot, start, mask, split=split)
@@ -211,7 +210,7 @@ class ModelRunner:
         elif self.device.type == "cpu" and not windowed:  # runs of consecutive slots, no gather
             order = sorted(range(len(slots)), key=slots.__getitem__)
             runs = runs_of([slots[i] for i in order], [positions[i] for i in order])
-            if order == sorted(order):
+            if order == list(range(len(order))):
                 logits = self._decode_forward(ids, rows, where, None, runs=runs)
             else:  # the step's rows sorted by slot, and the logits back in the step's order
                 index = torch.tensor(order, device=self.device)

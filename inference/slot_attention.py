@@ -37,17 +37,8 @@ def chunk_attention(
     cache.write_span(layer, slot, start, key, value)
     keys, values = cache.read_slot(layer, slot, start + query.shape[2])
     if split:
-        return _chunk_in_two(query, keys, values, start, module.scaling)
-    output = F.scaled_dot_product_attention(
-        query,
-        keys.to(query.dtype),
-        values.to(query.dtype),
-        attn_mask=mask,
-        is_causal=mask is None,
-        scale=module.scaling,
-        enable_gqa=module.num_key_value_groups > 1,
-    )
-    return output.transpose(1, 2).contiguous()
+        return _chunk_in_two(query, keys, values, start, module.scaling).transpose(1, 2).contiguous()
+    return _attend(module, query, keys, values, mask, is_causal=mask is None).transpose(1, 2).contiguous()
 
 
 def decode_attention(
@@ -71,22 +62,36 @@ def decode_attention(
     by runs (the eager CPU step)."""
     layer = module.layer_idx
     cache.write_tokens(layer, rows, positions, key, value)
-    scaling = module.scaling
     if runs is not None:
-        return _by_runs(module, query, cache, runs, scaling)
-    if first is None:
-        keys, values = cache.read(layer, rows, length)
+        output = _by_runs(module, query, cache, runs)
     else:
-        keys, values = cache.read_rows(layer, first, query.shape[0], length)
-    output = F.scaled_dot_product_attention(
+        if first is None:
+            keys, values = cache.read(layer, rows, length)
+        else:
+            keys, values = cache.read_rows(layer, first, query.shape[0], length)
+        output = _attend(module, query, keys, values, mask)
+    return output.transpose(1, 2).contiguous()
+
+
+def _attend(
+    module: torch.nn.Module,
+    query: torch.Tensor,
+    keys: torch.Tensor,
+    values: torch.Tensor,
+    mask: torch.Tensor | None,
+    *,
+    is_causal: bool = False,
+) -> torch.Tensor:
+    """sdpa over cached keys/values (heads-first in and out) with the layer's scale."""
+    return F.scaled_dot_product_attention(
         query,
         keys.to(query.dtype),
         values.to(query.dtype),
         attn_mask=mask,
-        scale=scaling,
+        is_causal=is_causal,
+        scale=module.scaling,
         enable_gqa=module.num_key_value_groups > 1,
     )
-    return output.transpose(1, 2).contiguous()
 
 
 @dataclass(frozen=True)
@@ -118,29 +123,16 @@ def runs_of(slots: list[int], positions: list[int]) -> list[Run]:
     return runs
 
 
-def _by_runs(
-    module: torch.nn.Module, query: torch.Tensor, cache: SlotCache, runs: list[Run], scaling: float | None
-) -> torch.Tensor:
+def _by_runs(module: torch.nn.Module, query: torch.Tensor, cache: SlotCache, runs: list[Run]) -> torch.Tensor:
     """Decode attention run by run, each over a view of its slots (no gather): a row's cost is
-    its run's, not the whole step's (the eager CPU step)."""
-    layer = module.layer_idx
+    its run's, not the whole step's (the eager CPU step). Heads-first out."""
     outputs = []
     row = 0
     for run in runs:
-        keys, values = cache.read_rows(layer, run.first, run.rows, run.length)
-        outputs.append(
-            F.scaled_dot_product_attention(
-                query[row : row + run.rows],
-                keys.to(query.dtype),
-                values.to(query.dtype),
-                attn_mask=run.mask,
-                scale=scaling,
-                enable_gqa=module.num_key_value_groups > 1,
-            )
-        )
+        keys, values = cache.read_rows(module.layer_idx, run.first, run.rows, run.length)
+        outputs.append(_attend(module, query[row : row + run.rows], keys, values, run.mask))
         row += run.rows
-    output = outputs[0] if len(outputs) == 1 else torch.cat(outputs)
-    return output.transpose(1, 2).contiguous()
+    return outputs[0] if len(outputs) == 1 else torch.cat(outputs)
 
 
 def _chunk_in_two(
@@ -155,7 +147,7 @@ def _chunk_in_two(
     own, own_lse = _flash_cpu(query, keys[:, :, start:], values[:, :, start:], is_causal=True, scale=scaling)
     lse = torch.logaddexp(before_lse, own_lse)
     output = before * (before_lse - lse).exp()[..., None] + own * (own_lse - lse).exp()[..., None]
-    return output.to(query.dtype).transpose(1, 2).contiguous()
+    return output.to(query.dtype)  # heads-first
 
 
 def can_split_chunks(model: Any) -> bool:
