@@ -7,7 +7,13 @@ chooses each row's token (``sampling``, after the optional ``Steering``), and up
 ``Request``: its text goes out through its detokenizer (``TextPieces``), and a request
 that ended (stop token, token limit, asker gone) leaves its slot for the next one. A
 request with pictures holds its slot as ENCODING while the ``ImageEncoder`` runs them
-through the vision tower beside the steps; it prefills once they are ready.
+through the vision tower beside the steps; it prefills once they are ready, in chunks
+between decode steps. On the CPU (``prefill_beside``) the encoder thread prefills the whole
+prompt right after its pictures, into the request's slot, and the request joins the decode
+steps with its first token: the step loop keeps one core and the prompts get the other
+(in one thread, a picture question's prefill and decode share one core; measured in
+bench/README.md). A request that leaves while its prompt is being read keeps its slot until
+the encoder is done with it.
 
 Cache shape: ``slots x length``, length = the larger of MAX_BATCH_TOKENS / MAX_BATCH_SIZE
 and the need (prompt + MAX_NEW_TOKENS) of a question about one 1280x720 picture, rounded
@@ -33,6 +39,7 @@ from __future__ import annotations
 import concurrent.futures
 import enum
 import logging
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -46,7 +53,7 @@ from .kv_cache import SlotCache
 from .loading import LoadedModel
 from .pieces import TextPieces
 from .prompt_inputs import PromptEncoder
-from .runner import DEFAULT_LENGTH_BUCKET, ModelRunner, prompt_embeddings, round_up
+from .runner import DEFAULT_LENGTH_BUCKET, ModelRunner, round_up
 from .sampling import Sampling, choose_tokens
 from .scheduler import Chunk, Request, Scheduler
 from .settings import DEFAULT_MAX_BATCH_TOKENS, InferenceSettings
@@ -136,10 +143,10 @@ class EngineCore:
         self.outbox = Outbox()
         self.runner: ModelRunner | None = None
         self.scheduler: Scheduler | None = None
-        # Pictures go through the vision tower beside the decode loop (image_encoder.py).
-        self.images = ImageEncoder(
-            lambda inputs: prompt_embeddings(loaded.model, inputs, loaded.device, loaded.dtype), loaded.device
-        )
+        # Pictures go through the vision tower beside the decode loop (image_encoder.py); on
+        # the CPU their prompts are prefilled there too, whole, on the core the steps leave free.
+        self.images = ImageEncoder(loaded.device)
+        self.prefill_beside = loaded.device.type == "cpu"
         self._build(*self.usual_shape, compile=compile)
         if auto:
             self._size_from_free_memory()
@@ -382,7 +389,7 @@ class EngineCore:
         pictures = "pixel_values" in request.prompt
         scheduler.admit(request, encoding=pictures)
         if pictures:
-            request.encoding = self.images.submit(request.prompt)
+            request.encoding = self.images.submit(self._read_prompt(request))
         return Admission.ADMITTED
 
     def finish_all(self, item: Any = DONE) -> None:
@@ -438,22 +445,47 @@ class EngineCore:
         for request, token in zip(decoding, tokens, strict=True):
             self._accept(request, token)
 
+    def _read_prompt(self, request: Request) -> Callable[[], torch.Tensor | None]:
+        """The image encoder's work for a picture question: its embeddings; with
+        ``prefill_beside``, its whole prefill too (the logits after its last position; None
+        if its asker left first: the slot is not written)."""
+        runner = self.runner
+        assert runner is not None
+
+        def work() -> torch.Tensor | None:
+            embeds = runner.embed_prompt(request.prompt)
+            if not self.prefill_beside:
+                return embeds
+            if request.job.cancelled.is_set():
+                return None
+            return runner.prefill(request.slot, embeds, 0, request.prompt_length)
+
+        return work
+
     def _take_encoded(self) -> None:
-        """Requests whose pictures are through the vision tower start prefilling."""
+        """Requests whose pictures are through the vision tower start prefilling, or with
+        ``prefill_beside``, decoding (their prompts are in the cache)."""
         scheduler = self.scheduler
         assert scheduler is not None
         for request in scheduler.encoding:
             if not request.encoding.done():
                 continue
             try:
-                request.embeds = request.encoding.result()
+                result = request.encoding.result()
             except Exception as error:
-                log.exception("encoding a request's images failed")
+                log.exception("reading a request's pictures failed")
                 release_gpu_memory()
                 self._fail([request], error)
                 continue
             request.encoding = None
-            scheduler.encoded(request)
+            if not self.prefill_beside:
+                request.embeds = result
+                scheduler.encoded(request)
+            elif result is None:  # its asker left while it was read
+                self._finish(request)
+            else:
+                scheduler.prefilled(Chunk(request, 0, request.prompt_length), beside=True)
+                self._first_token(request, result)
 
     def _wait_for_encoding(self) -> None:
         """Until a picture is through the vision tower, or briefly (a cancel is seen soon)."""
@@ -467,18 +499,27 @@ class EngineCore:
         scheduler, runner = self.scheduler, self.runner
         assert scheduler is not None and runner is not None
         try:
-            if chunk.start == 0 and self.steering is not None:
-                ids = request.prompt["input_ids"][0].tolist()
-                request.steering = self.steering.begin(request.job.request, ids)
             if request.embeds is None:  # text only: the token embeddings, here
                 request.embeds = runner.embed_prompt(request.prompt)
             logits = runner.prefill(
                 request.slot, request.embeds[chunk.start : chunk.end], chunk.start, request.prompt_length
             )
             scheduler.prefilled(chunk)
-            if not chunk.last:
-                return
+        except Exception as error:
+            log.exception("a prefill failed")
+            release_gpu_memory()
+            self._fail([request], error)
+            return
+        if chunk.last:
             request.embeds = None
+            self._first_token(request, logits)
+
+    def _first_token(self, request: Request, logits: torch.Tensor) -> None:
+        """The answer's first token, from the logits after the prompt's last position."""
+        try:
+            if self.steering is not None:
+                ids = request.prompt["input_ids"][0].tolist()
+                request.steering = self.steering.begin(request.job.request, ids)
             if request.steering is not None:
                 request.steering.steer(0, logits)
             token = choose_tokens(logits[None], [request.sampling])[0]
@@ -517,6 +558,9 @@ class EngineCore:
         assert scheduler is not None and runner is not None
         if request.status.name == "FINISHED":
             return
+        reading = request.encoding
+        if self.prefill_beside and reading is not None and not reading.cancel():
+            concurrent.futures.wait([reading])  # it may be prefilling into the slot: not reused before
         scheduler.finish(request)
         runner.cache.free(request.slot)
         if request.job.cancelled.is_set() or not tell:

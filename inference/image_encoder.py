@@ -4,41 +4,44 @@ A picture question's vision tower (17 crops through CLIP at 16 crops) is the big
 piece of work a joiner brings. Run inside a step, every answer already streaming would stop
 for it; here it runs on a thread of its own (on CUDA, on a stream of its own, so it overlaps
 the decode steps), while the request holds its slot as ENCODING and the others go on. The
-step loop takes the embeddings once they are ready (``done``) and prefills them in chunks.
+step loop takes the result once it is ready (``done``): the embeddings, which it prefills
+in chunks, or on the CPU the prompt already prefilled here (core.py), so that the step loop
+(one core) only decodes while this thread's core reads the prompt.
 """
 
 from __future__ import annotations
 
 import concurrent.futures
-from collections.abc import Callable, Mapping
+from collections.abc import Callable
+from typing import TypeVar
 
 import torch
 
-Embed = Callable[[Mapping[str, torch.Tensor]], torch.Tensor]
+T = TypeVar("T")
 
 
 class ImageEncoder:
-    """``submit(inputs)``: a future of the prompt's embeddings (positions x hidden), made by
-    ``embed`` on the encoder thread. One at a time, in the order submitted."""
+    """``submit(work)``: a future of ``work()`` (a prompt's embeddings, or more), run on the
+    encoder thread. One at a time, in the order submitted."""
 
-    def __init__(self, embed: Embed, device: torch.device) -> None:
-        self._embed = embed
+    def __init__(self, device: torch.device) -> None:
         self._device = device
         self._pool = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="inference-images")
         self._stream = torch.cuda.Stream(device) if device.type == "cuda" else None
 
-    def submit(self, inputs: Mapping[str, torch.Tensor]) -> concurrent.futures.Future[torch.Tensor]:
-        return self._pool.submit(self._run, inputs)
+    def submit(self, work: Callable[[], T]) -> concurrent.futures.Future[T]:
+        return self._pool.submit(self._run, work)
 
-    def _run(self, inputs: Mapping[str, torch.Tensor]) -> torch.Tensor:
+    def _run(self, work: Callable[[], T]) -> T:
         if self._stream is None:
-            return self._embed(inputs)
+            return work()
         with torch.cuda.stream(self._stream):
-            embeds = self._embed(inputs)
+            result = work()
         self._stream.synchronize()  # ready before the step loop reads it
-        # Read and freed on the step loop's stream: its memory is not reused before that.
-        embeds.record_stream(torch.cuda.default_stream(self._device))
-        return embeds
+        if isinstance(result, torch.Tensor):
+            # Read and freed on the step loop's stream: its memory is not reused before that.
+            result.record_stream(torch.cuda.default_stream(self._device))
+        return result
 
     def close(self) -> None:
         self._pool.shutdown(wait=False, cancel_futures=True)

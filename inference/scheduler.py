@@ -3,7 +3,8 @@
 One ``Request`` object per admitted request carries everything about it (its slot, how
 much of its prompt is in the cache, its last token, its sampling, its status); the
 scheduler only moves requests between states (ENCODING while its images are in the vision
-tower, PREFILLING, DECODING, FINISHED) and hands out slots. Each step: the requests
+tower, and on the CPU while its prompt is prefilled beside the steps; PREFILLING, DECODING,
+FINISHED) and hands out slots. Each step: the requests
 still prefilling get prompt chunks up to a budget of prompt tokens (FIFO), then every
 decoding request decodes one token. With nobody decoding, a prompt is prefilled whole
 (nobody would wait). A chunk's rotary factors are its whole prompt's (the runner passes
@@ -27,7 +28,7 @@ log = logging.getLogger(__name__)
 
 
 class Status(enum.Enum):
-    ENCODING = "encoding"  # its images are in the vision tower (image_encoder.py)
+    ENCODING = "encoding"  # its images in the vision tower (image_encoder.py); on the CPU its prefill too
     PREFILLING = "prefilling"
     DECODING = "decoding"
     FINISHED = "finished"
@@ -150,14 +151,23 @@ class Scheduler:
             chunks.append(Chunk(request, request.prefilled, request.prefilled + left))
         return Plan(chunks, decoding)
 
-    def prefilled(self, chunk: Chunk) -> None:
-        """A chunk ran: the request moves on (to decoding after its last chunk)."""
+    def prefilled(self, chunk: Chunk, *, beside: bool = False) -> None:
+        """A chunk ran: the request moves on (to decoding after its last chunk). ``beside``:
+        the whole prompt, prefilled by the image encoder while ENCODING (the CPU)."""
         request = chunk.request
         request.prefilled = chunk.end
         request.chunks += 1
         if chunk.last:
+            others = sum(1 for r in self._running if r.status is Status.DECODING)
             request.status = Status.DECODING
-            if request.chunks > 1:
+            if beside and others:
+                log.info(
+                    "a %d-token prompt joined %d answer(s), prefilled beside their decode steps (%.2f s)",
+                    request.prompt_length,
+                    others,
+                    time.monotonic() - request.admitted_at,
+                )
+            elif request.chunks > 1:
                 log.info(
                     "a %d-token prompt joined after %d chunks between decode steps (%.2f s)",
                     request.prompt_length,

@@ -1,6 +1,6 @@
 """The engine's seam for steering token choice: optional, handed to the engine at construction.
 
-A ``Steering`` sees each request when its prefill starts and may return a ``RowSteering``
+A ``Steering`` sees each request once its prompt is prefilled and may return a ``RowSteering``
 for it, which then sees that row's logits at every step, before the row's token is chosen,
 and may change them in place. The model still runs every forward; nothing else changes.
 Tests use it for scripted replies (tests/scripted.py); it could carry grammar constraints.
@@ -23,4 +23,4 @@ class RowSteering(Protocol):
 
 class Steering(Protocol):
     def begin(self, request: GenerationRequest, prompt_ids: list[int]) -> RowSteering | None:
-        """A request's prefill starts (on the worker thread); None leaves it alone."""
+        """A request's prompt is in the cache (on the worker thread); None leaves it alone."""

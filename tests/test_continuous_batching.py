@@ -164,14 +164,17 @@ async def test_one_cancelled_midway_while_the_others_finish(tiny_model_dir: Path
         assert generate(engine, ask(conversation(1), 200)).startswith(first + second)
 
 
+@pytest.mark.parametrize("pictures", [0, 3], ids=["text", "pictures, prefilled as on CUDA"])
 async def test_a_long_joiner_is_prefilled_in_chunks_and_the_others_are_unchanged(
-    tiny_model_dir: Path, caplog: pytest.LogCaptureFixture
+    tiny_model_dir: Path, caplog: pytest.LogCaptureFixture, pictures: int
 ) -> None:
     caplog.set_level(logging.INFO, logger="inference")
     settings = settings_for(tiny_model_dir, prefill_chunk_tokens=8, max_batch_tokens=2048)
     streaming = [ask(conversation(0), 40), ask(conversation(1), 36)]
-    joiner = ask(conversation(3, 3, words=12), 20)  # well over 8 prompt tokens
+    joiner = ask(conversation(pictures, 3, words=12), 20)  # well over 8 prompt tokens
     async with running(settings) as engine:
+        assert engine.core is not None
+        engine.core.prefill_beside = False  # type: ignore[attr-defined]  # CUDA's way: in the step loop
         streams = [engine.stream(request) for request in streaming]
         heads = [await anext(stream) for stream in streams]
         late = asyncio.create_task(answer(engine, joiner))
@@ -209,6 +212,87 @@ async def test_answers_stream_on_while_a_joiners_pictures_are_in_the_vision_towe
         assert not joiner.done()
         release.set()
         assert [head + rest, await joiner] == [generate(engine, r) for r in (streaming, picture)]
+
+
+def hold_prefills_on_the_image_thread(engine: LocalEngine, monkeypatch: pytest.MonkeyPatch) -> tuple[
+    threading.Event, threading.Event, list[int]
+]:
+    """(entered, release, lengths): a prompt prefilled on the image encoder's thread waits in
+    the model's final norm until ``release``; ``lengths``: the prompts it prefilled there."""
+    entered, release, lengths = threading.Event(), threading.Event(), []
+    assert engine.loaded is not None
+    norm = engine.loaded.model.model.norm
+    original = norm.forward
+
+    def held(hidden: torch.Tensor) -> torch.Tensor:
+        if hidden.shape[1] > 1 and threading.current_thread().name.startswith("inference-images"):
+            lengths.append(hidden.shape[1])
+            entered.set()
+            release.wait(60)
+        return original(hidden)
+
+    monkeypatch.setattr(norm, "forward", held)
+    return entered, release, lengths
+
+
+async def test_on_the_cpu_a_picture_question_is_prefilled_beside_the_decode_steps(
+    tiny_model_dir: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The step loop only decodes: a whole answer streams while a picture question's prompt
+    is held in its prefill, which runs on the image encoder's thread."""
+    caplog.set_level(logging.INFO, logger="inference")
+    streaming, picture = ask(conversation(0), 30), ask(conversation(1, words=30), 12)
+    longer = ask(conversation(0, words=1), 200)  # still decoding when the picture question joins
+    async with running(settings_for(tiny_model_dir)) as engine:
+        entered, release, lengths = hold_prefills_on_the_image_thread(engine, monkeypatch)
+        stream = engine.stream(streaming)
+        head = await anext(stream)
+        beside = asyncio.create_task(answer(engine, longer))
+        joiner = asyncio.create_task(answer(engine, picture))
+        assert await asyncio.to_thread(entered.wait, 30)
+        rest = await asyncio.wait_for(_rest(stream), 30)
+        assert not joiner.done()
+        release.set()
+        answers = [head + rest, await joiner, await beside]
+        assert answers == [generate(engine, r) for r in (streaming, picture, longer)]
+        assert engine.loaded is not None
+        encoder = PromptEncoder(engine.loaded.processor, engine.settings, None)
+        assert lengths == [encoder.encode(picture, 12)["input_ids"].shape[1]]  # whole, in one forward
+    assert "prefilled beside their decode steps" in caplog.text
+
+
+async def test_a_picture_question_withdrawn_while_its_pictures_are_read_is_never_prefilled(
+    tiny_model_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    entered, release = threading.Event(), threading.Event()
+    async with running(settings_for(tiny_model_dir)) as engine:
+        assert engine.loaded is not None
+        _, never_held, prefilled = hold_prefills_on_the_image_thread(engine, monkeypatch)
+        never_held.set()  # only counted
+        tower = engine.loaded.model.model.vision_embed_tokens
+        original = tower.forward
+
+        def held(*args: Any, **kwargs: Any) -> Any:
+            entered.set()
+            release.wait(60)
+            return original(*args, **kwargs)
+
+        monkeypatch.setattr(tower, "forward", held)
+        leaving = engine.stream(ask(conversation(1), 12))
+        waiting = asyncio.create_task(anext(leaving))
+        assert await asyncio.to_thread(entered.wait, 30)
+        waiting.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await waiting
+        await leaving.aclose()  # the asker leaves while its picture is in the vision tower
+        release.set()
+        monkeypatch.setattr(tower, "forward", original)
+        # Every slot serves again, the withdrawn question's included, and answers as generate.
+        asked = [ask(conversation(n % 2, words=n), 10) for n in range(4)]
+        assert list(await asyncio.gather(*(answer(engine, r) for r in asked))) == [
+            generate(engine, r) for r in asked
+        ]
+        assert len(prefilled) == 2  # the two picture questions after it; not the withdrawn one
 
 
 async def _rest(stream: AsyncIterator[str]) -> str:
