@@ -408,7 +408,8 @@ class EngineCore:
 
     def step(self) -> None:
         """Schedule, execute, update (see the module docstring); what it says to the askers
-        leaves at its end, in one call per event loop."""
+        leaves at its end, in one call per event loop (streaming pieces at most every
+        ``jobs.STREAM_INTERVAL_SECONDS``)."""
         try:
             self._step()
         finally:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import threading
+import time
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -22,17 +23,36 @@ log = logging.getLogger(__name__)
 DONE = object()  # what a job's queue gets after its last piece
 
 
-class Outbox:
-    """What one engine step sends its askers, handed to each event loop in one call: a step
-    over 16 rows wakes the loop once, not 16 times. Items keep their order."""
+# Pieces of answers already streaming reach the event loop at most this often: waking it for
+# every token of every step cost the step loop the GIL (a Discord message is edited about once
+# a second; an answer's first piece, its end and errors still go at once).
+STREAM_INTERVAL_SECONDS = 0.02
 
-    def __init__(self) -> None:
+
+class Outbox:
+    """What engine steps send their askers, handed to each event loop in one call: a step over
+    16 rows wakes the loop once, not 16 times, and the pieces of answers already streaming wait
+    for the next steps' up to ``interval`` (anything else is urgent: it takes them all along).
+    Items keep their order."""
+
+    def __init__(self, interval: float = STREAM_INTERVAL_SECONDS) -> None:
         self._items: list[tuple[Job, Any]] = []
+        self._interval = interval
+        self._handed_at = -interval
+        self._urgent = False
 
     def send(self, job: Job, item: Any) -> None:
+        if not isinstance(item, str) or not job.streaming:
+            self._urgent = True
+            job.streaming = True
         self._items.append((job, item))
 
     def flush(self) -> None:
+        """Hand over what is due (at the end of every step)."""
+        now = time.monotonic()
+        if not self._items or (not self._urgent and now - self._handed_at < self._interval):
+            return
+        self._handed_at, self._urgent = now, False
         items, self._items = self._items, []
         by_loop: dict[asyncio.AbstractEventLoop, list[tuple[Job, Any]]] = {}
         for job, item in items:
@@ -64,6 +84,8 @@ class Job:
     encoded: Any = None
     # Set by the serving core before DONE is sent: the answer stopped at its token limit.
     hit_token_limit: bool = False
+    # Its first piece is on its way (later ones may wait a moment: Outbox).
+    streaming: bool = False
 
     def send(self, item: Any) -> None:
         """Hand an item to the waiting coroutine; safe from the worker thread."""
