@@ -16,8 +16,8 @@ engine request followed by the same one through ``generate`` on the same model, 
 engine's "vs generate" compares requests run minutes apart, not phases of the run (on
 shared cores a phase can run tens of percent faster or slower than the next); then
 total tokens/s at 1, 4, 8 and 16 concurrent clients arriving at random times (seeded: every
-engine gets the same arrivals), with the CUDA peak memory of each row, each row followed by
-``generate`` one request at a time, against which its ratio is. ``generate`` serves
+engine gets the same arrivals), with the CUDA peak memory of each row, each row between two
+runs of ``generate`` one request at a time, against whose mean its ratio is. ``generate`` serves
 one request at a time, so its tokens/s is its one-at-a-time rate whatever the concurrency.
 """
 
@@ -275,7 +275,8 @@ async def _measure_engine(
 
     def one_at_a_time(kind: str) -> float:
         """``generate``'s total tokens/s over ``alone_runs`` requests one at a time, run right
-        after a load row, so that the row's ratio compares neighbours, not phases of the run."""
+        before and after each load row, so that the row's ratio compares neighbours, not
+        phases of the run."""
         totals = [
             _generate_once(loaded, encoder, ask(kind, 500 + n, config.max_new_tokens))[1]
             for n in range(config.alone_runs)
@@ -296,13 +297,19 @@ async def _measure_engine(
                 + config.max_new_tokens / alone["decode_tokens_per_s"]["median"]
             )
             rows = []
-            beside: dict[str, float] = {}  # generate one at a time, right after each row
+            # generate one at a time right before and right after each row (the mean of the two:
+            # a drift of the shared cores during the row hits both alike); after one row is
+            # before the next.
+            beside: dict[str, float] = {}
+            before = await asyncio.to_thread(one_at_a_time, kind)
             for concurrency in config.concurrency:
                 # Pauses between a client's requests: about a tenth of one answer alone.
                 row = await _load_row(engine, kind, concurrency, config, single / 10, device)
                 log.info("%s, %s x%d: %.0f tokens/s", name, kind, concurrency, row.tokens_per_s)
                 rows.append(asdict(row))
-                beside[str(concurrency)] = await asyncio.to_thread(one_at_a_time, kind)
+                after = await asyncio.to_thread(one_at_a_time, kind)
+                beside[str(concurrency)] = (before + after) / 2
+                before = after
             result[kind] = {**alone, "rows": rows, "generate_tokens_per_s_beside": beside}
     return result
 
@@ -335,7 +342,7 @@ async def measure_fast_path(model: BenchModel, config: FastPathConfig) -> dict[s
             # Against the generate requests interleaved with this engine's, where there are any.
             interleaved = (part.get("generate_decode_tokens_per_s") or {}).get("median")
             part["decode_vs_generate"] = _ratio(_decode(part), interleaved or _decode(baseline[kind]))
-            # Against generate one at a time right after the row, where it ran (the engines).
+            # Against generate one at a time right before and after the row (the engines).
             beside = part.get("generate_tokens_per_s_beside") or {}
             part["tokens_per_s_vs_generate"] = {
                 str(row["concurrency"]): row["tokens_per_s"]

@@ -123,7 +123,7 @@ def fast_path_tables(result: dict[str, Any]) -> str:
             "vs generate",
         ]
         + [f"tokens/s at {row['concurrency']}" for row in modes[0][result["kinds"][0]]["rows"]]
-        + ["generate right after each, tokens/s", "peak GPU memory (GiB)"]
+        + ["generate around each (mean of before and after), tokens/s", "peak GPU memory (GiB)"]
     )
     rows = []
     for kind in result["kinds"]:
