@@ -429,6 +429,7 @@ class EngineCore:
             return
         for chunk in plan.prefill:
             self._prefill(chunk)
+        self.outbox.flush()  # first tokens go out before the decode step, not after it
         decoding = [request for request in plan.decode if request.job.cancelled.is_set() is False]
         if not decoding:
             return

@@ -295,6 +295,39 @@ async def test_a_picture_question_withdrawn_while_its_pictures_are_read_is_never
         assert len(prefilled) == 2  # the two picture questions after it; not the withdrawn one
 
 
+class _SecondTokenWaits:
+    """A steering whose rows choose their second token only once ``asked_on`` is set (or 10 s
+    went by: ``released`` says which)."""
+
+    def __init__(self) -> None:
+        self.asked_on = threading.Event()
+        self.released: list[bool] = []
+
+    def begin(self, request: GenerationRequest, prompt_ids: list[int]) -> _SecondTokenWaits:
+        return self
+
+    def steer(self, step: int, logits: torch.Tensor) -> None:
+        if step == 1:
+            self.released.append(self.asked_on.wait(10))
+
+
+@pytest.mark.parametrize("pictures", [0, 1], ids=["text", "a picture"])
+async def test_an_answers_first_piece_reaches_its_asker_before_its_second_token_is_chosen(
+    tiny_model_dir: Path, pictures: int
+) -> None:
+    steering = _SecondTokenWaits()
+    engine = LocalEngine(settings_for(tiny_model_dir), steering=steering)  # type: ignore[arg-type]
+    await engine.start()
+    try:
+        stream = engine.stream(ask(conversation(pictures), 8))
+        first = await asyncio.wait_for(anext(stream), 30)
+        steering.asked_on.set()
+        rest = await _rest(stream)
+    finally:
+        await engine.close()
+    assert first and rest and steering.released == [True]
+
+
 async def _rest(stream: AsyncIterator[str]) -> str:
     return "".join([piece async for piece in stream])
 
