@@ -158,9 +158,9 @@ class Scheduler:
         request.prefilled = chunk.end
         request.chunks += 1
         if chunk.last:
-            others = sum(1 for r in self._running if r.status is Status.DECODING)
+            others = sum(1 for r in self._running if r.status is Status.DECODING) if beside else 0
             request.status = Status.DECODING
-            if beside and others:
+            if others:
                 log.info(
                     "a %d-token prompt joined %d answer(s), prefilled beside their decode steps (%.2f s)",
                     request.prompt_length,

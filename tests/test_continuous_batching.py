@@ -187,22 +187,30 @@ async def test_a_long_joiner_is_prefilled_in_chunks_and_the_others_are_unchanged
     assert "chunks between decode steps" in caplog.text
 
 
+def hold_the_vision_tower(engine: LocalEngine, monkeypatch: pytest.MonkeyPatch) -> tuple[
+    threading.Event, threading.Event
+]:
+    """(entered, release): pictures wait in the vision tower until ``release``."""
+    entered, release = threading.Event(), threading.Event()
+    assert engine.loaded is not None
+    tower = engine.loaded.model.model.vision_embed_tokens
+    original = tower.forward
+
+    def held(*args: Any, **kwargs: Any) -> Any:
+        entered.set()
+        release.wait(60)
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(tower, "forward", held)
+    return entered, release
+
+
 async def test_answers_stream_on_while_a_joiners_pictures_are_in_the_vision_tower(
     tiny_model_dir: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    entered, release = threading.Event(), threading.Event()
     streaming, picture = ask(conversation(0), 30), ask(conversation(1), 12)
     async with running(settings_for(tiny_model_dir)) as engine:
-        assert engine.loaded is not None
-        tower = engine.loaded.model.model.vision_embed_tokens
-        original = tower.forward
-
-        def held(*args: Any, **kwargs: Any) -> Any:
-            entered.set()
-            release.wait(60)
-            return original(*args, **kwargs)
-
-        monkeypatch.setattr(tower, "forward", held)
+        entered, release = hold_the_vision_tower(engine, monkeypatch)
         stream = engine.stream(streaming)
         head = await anext(stream)
         joiner = asyncio.create_task(answer(engine, picture))
@@ -264,20 +272,10 @@ async def test_on_the_cpu_a_picture_question_is_prefilled_beside_the_decode_step
 async def test_a_picture_question_withdrawn_while_its_pictures_are_read_is_never_prefilled(
     tiny_model_dir: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    entered, release = threading.Event(), threading.Event()
     async with running(settings_for(tiny_model_dir)) as engine:
-        assert engine.loaded is not None
         _, never_held, prefilled = hold_prefills_on_the_image_thread(engine, monkeypatch)
         never_held.set()  # only counted
-        tower = engine.loaded.model.model.vision_embed_tokens
-        original = tower.forward
-
-        def held(*args: Any, **kwargs: Any) -> Any:
-            entered.set()
-            release.wait(60)
-            return original(*args, **kwargs)
-
-        monkeypatch.setattr(tower, "forward", held)
+        entered, release = hold_the_vision_tower(engine, monkeypatch)
         leaving = engine.stream(ask(conversation(1), 12))
         waiting = asyncio.create_task(anext(leaving))
         assert await asyncio.to_thread(entered.wait, 30)
@@ -286,7 +284,6 @@ async def test_a_picture_question_withdrawn_while_its_pictures_are_read_is_never
             await waiting
         await leaving.aclose()  # the asker leaves while its picture is in the vision tower
         release.set()
-        monkeypatch.setattr(tower, "forward", original)
         # Every slot serves again, the withdrawn question's included, and answers as generate.
         asked = [ask(conversation(n % 2, words=n), 10) for n in range(4)]
         assert list(await asyncio.gather(*(answer(engine, r) for r in asked))) == [
