@@ -151,12 +151,11 @@ class Phi3VImageEmbedding(nn.Module):
         """(images, crops + 1, 3, S, S) and (images, 2) padded H x W -> (image tokens, hidden)."""
         sizes = [(int(h), int(w)) for h, w in torch.as_tensor(image_sizes).reshape(-1, 2).tolist()]
         grids = [(h // self.crop_size, w // self.crop_size) for h, w in sizes]
-        # Only the crops an image uses go through CLIP: the global view and its h*w tiles.
-        used = [(i, k) for i, (rows, columns) in enumerate(grids) for k in range(1 + rows * columns)]
-        image_index = torch.tensor([i for i, _ in used], device=pixel_values.device)
-        crop_index = torch.tensor([k for _, k in used], device=pixel_values.device)
+        # Only the crops an image uses go through CLIP: the global view and its h*w tiles, the
+        # first of its slots (slices: one image's are a view, an index gather copies slowly).
+        used = [pixel_values[i, : 1 + rows * columns] for i, (rows, columns) in enumerate(grids)]
         tower_dtype = self.img_processor.embeddings.patch_embedding.weight.dtype
-        crops = pixel_values[image_index, crop_index].to(tower_dtype)
+        crops = (used[0] if len(used) == 1 else torch.cat(used)).to(tower_dtype)
         hidden = self._clip_features(crops)
         patches = hidden[:, 1:]  # no CLS
         pieces: list[torch.Tensor] = []
