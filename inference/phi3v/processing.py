@@ -131,10 +131,12 @@ class Phi3VImageProcessor:
         after them); returns its padded (height, width). ToTensor and Normalize's own operations,
         each pixel written once: a picture question's CPU time is mostly here."""
         size = self.crop_size
-        pixels = torch.from_numpy(np.array(self._hd_transform(image.convert("RGB")), dtype=np.uint8))
-        height, width = pixels.shape[:2]
-        tensor = pixels.permute(2, 0, 1).contiguous().to(torch.get_default_dtype()).div_(255)
-        tensor.sub_(self._mean).div_(self._std)
+        hd = self._hd_transform(image if image.mode == "RGB" else image.convert("RGB"))
+        width, height = hd.size
+        tensor = torch.empty(3, height, width)
+        for channel, band in zip(tensor, hd.split(), strict=True):  # bands: no slow uint8 transpose
+            channel.copy_(torch.from_numpy(np.array(band)))
+        tensor.div_(255).sub_(self._mean).div_(self._std)
         out[0] = torch.nn.functional.interpolate(tensor[None], size=(size, size), mode="bicubic")[0]
         rows, columns = height // size, width // size
         used = 1 + rows * columns
