@@ -102,8 +102,16 @@ class SlotCache:
 
     def read_rows(self, layer: int, first: int, rows: int, length: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Consecutive slots ``first .. first + rows - 1`` (no copy)."""
+        return self.rows_of(self.keys[layer], self.values[layer], first, rows, length)
+
+    @staticmethod
+    def rows_of(
+        keys: torch.Tensor, values: torch.Tensor, first: int, rows: int, length: int
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """``read_rows`` of one layer's buffers (``keys``, ``values``): views, for attention that
+        is handed the buffers rather than the cache (the compiled CPU step's op)."""
         end = first + rows
-        return self.keys[layer][first:end, :, :length], self.values[layer][first:end, :, :length]
+        return keys[first:end, :, :length], values[first:end, :, :length]
 
     def read_slot(self, layer: int, slot: int, length: int) -> tuple[torch.Tensor, torch.Tensor]:
         """One slot's first ``length`` positions (1 x heads x length x dim), without a copy."""

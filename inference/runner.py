@@ -6,10 +6,11 @@ the runner's (``_through_layers``), with attention over the cache (``slot_attent
 model itself is left as it is for ``generate``. A decode step runs over the BUSY rows only,
 each attending over the positions it has filled: the step's shape is (busy rows, length),
 where length covers the longest busy row. Eager (COMPILE off) and compiled on the CPU
-(inductor, symbolic shapes) both are exact, so one row's step costs one row; eager, a step
-whose rows all see every position (one row always does) runs with no mask, and on the CPU
-each run of consecutive slots attends over a view of the cache (no copy of the busy rows,
-however far apart their slots are). With CUDA graphs (COMPILE on CUDA) both are rounded up
+(inductor, symbolic shapes) both are exact, so one row's step costs one row; on the CPU,
+eager or compiled, each run of consecutive slots attends over a view of the cache (no copy
+of the busy rows, however far apart their slots are; compiled, through an op the graph
+calls as it is); eager elsewhere, a step whose rows all see every position (one row always
+does) runs with no mask. With CUDA graphs (COMPILE on CUDA) both are rounded up
 to buckets (rows 1, 2, 4, 8, 16...; lengths a multiple of ``length_bucket``) so that shapes
 repeat and graphs replay; the padding rows repeat the last busy row (its slot, token and
 position: the same key/value written twice, its logits dropped). The prefill runs eagerly,
@@ -28,13 +29,11 @@ import torch
 
 from .kv_cache import SlotCache
 from .slot_attention import (
-    Run,
     can_split_chunks,
     chunk_attention,
     chunk_mask,
     decode_attention,
     decode_mask,
-    runs_of,
 )
 
 log = logging.getLogger(__name__)
@@ -205,17 +204,10 @@ class ModelRunner:
         rows = torch.tensor(slots, dtype=torch.long).to(self.device)
         where = torch.tensor(positions, dtype=torch.long).to(self.device)
         windowed = self.window is not None and length > self.window
-        if self.compile:
+        if self.device.type == "cpu" and not windowed:  # runs of consecutive slots, no gather
+            logits = self._decode(ids, rows, where, None, runs=True)
+        elif self.compile:
             logits = self._decode(ids, rows, where, decode_mask(where, length, self.window))
-        elif self.device.type == "cpu" and not windowed:  # runs of consecutive slots, no gather
-            order = sorted(range(len(slots)), key=slots.__getitem__)
-            runs = runs_of([slots[i] for i in order], [positions[i] for i in order])
-            if order == list(range(len(order))):
-                logits = self._decode_forward(ids, rows, where, None, runs=runs)
-            else:  # the step's rows sorted by slot, and the logits back in the step's order
-                index = torch.tensor(order, device=self.device)
-                logits = self._decode_forward(ids[index], rows[index], where[index], None, runs=runs)
-                logits = logits[torch.argsort(index)]
         else:  # eager: no mask when every row sees all ``length`` positions (one row always does)
             sees_all = not windowed and all(p == length - 1 for p in positions)
             mask = None if sees_all else decode_mask(where, length, self.window)
@@ -231,15 +223,15 @@ class ModelRunner:
         mask: torch.Tensor | None,
         first: int | None = None,
         length: int | None = None,
-        runs: list[Run] | None = None,
+        runs: bool = False,
     ) -> torch.Tensor:
-        """One token per row; ``length``: positions read (None: the mask's; with ``runs``,
-        each run's own). See ``_through_layers``."""
+        """One token per row; ``length``: positions read (None: the mask's; ``runs``: each run
+        of consecutive slots its own, see ``decode_attention``). See ``_through_layers``."""
         seen = length if length is not None else 0 if mask is None else mask.shape[-1]
 
         def attend(module: Any, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor) -> torch.Tensor:
             return decode_attention(
-                module, query, key, value, self.cache, rows, positions, seen, mask, first=first, runs=runs
+                module, query, key, value, self.cache, rows, positions, seen, mask, first=first, by_runs=runs
             )
 
         hidden = self._embed_tokens(ids)  # rows x 1 x hidden

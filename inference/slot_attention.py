@@ -53,17 +53,19 @@ def decode_attention(
     mask: torch.Tensor | None = None,
     *,
     first: int | None = None,
-    runs: list[Run] | None = None,
+    by_runs: bool = False,
 ) -> torch.Tensor:
     """A decode step's attention (rows x heads x 1 x dim in; rows x 1 x heads x dim out): each
     row writes its key/value at its position in its slot, then attends over the first
     ``length`` positions (``mask``: rows x 1 x 1 x length, None: every row sees them all),
-    read as a gather of the rows, as a view of consecutive slots from ``first``, or ``runs``
-    by runs (the eager CPU step)."""
+    read as a gather of the rows, as a view of consecutive slots from ``first``, or
+    ``by_runs``: each run of consecutive slots over a view of its own positions
+    (``attend_by_runs``, the CPU step, eager or compiled: a row's cost is its own)."""
     layer = module.layer_idx
     cache.write_tokens(layer, rows, positions, key, value)
-    if runs is not None:
-        output = _by_runs(module, query, cache, runs)
+    if by_runs:
+        keys, values = cache.keys[layer], cache.values[layer]
+        output = attend_by_runs(query, keys, values, rows, positions, module.scaling, _grouped(module))
     else:
         if first is None:
             keys, values = cache.read(layer, rows, length)
@@ -83,15 +85,32 @@ def _attend(
     is_causal: bool = False,
 ) -> torch.Tensor:
     """sdpa over cached keys/values (heads-first in and out) with the layer's scale."""
+    return _sdpa(query, keys, values, mask, module.scaling, _grouped(module), is_causal=is_causal)
+
+
+def _sdpa(
+    query: torch.Tensor,
+    keys: torch.Tensor,
+    values: torch.Tensor,
+    mask: torch.Tensor | None,
+    scale: float | None,
+    grouped: bool,
+    *,
+    is_causal: bool = False,
+) -> torch.Tensor:
     return F.scaled_dot_product_attention(
         query,
         keys.to(query.dtype),
         values.to(query.dtype),
         attn_mask=mask,
         is_causal=is_causal,
-        scale=module.scaling,
-        enable_gqa=module.num_key_value_groups > 1,
+        scale=scale,
+        enable_gqa=grouped,
     )
+
+
+def _grouped(module: torch.nn.Module) -> bool:
+    return module.num_key_value_groups > 1
 
 
 @dataclass(frozen=True)
@@ -123,16 +142,51 @@ def runs_of(slots: list[int], positions: list[int]) -> list[Run]:
     return runs
 
 
-def _by_runs(module: torch.nn.Module, query: torch.Tensor, cache: SlotCache, runs: list[Run]) -> torch.Tensor:
-    """Decode attention run by run, each over a view of its slots (no gather): a row's cost is
-    its run's, not the whole step's (the eager CPU step). Heads-first out."""
+def _by_runs(
+    query: torch.Tensor,
+    keys: torch.Tensor,
+    values: torch.Tensor,
+    runs: list[Run],
+    scale: float | None,
+    grouped: bool,
+) -> torch.Tensor:
+    """Decode attention run by run, each over a view of its slots in one layer's ``keys`` and
+    ``values`` buffers (no gather), the query's rows in the runs' order. Heads-first out."""
     outputs = []
     row = 0
     for run in runs:
-        keys, values = cache.read_rows(module.layer_idx, run.first, run.rows, run.length)
-        outputs.append(_attend(module, query[row : row + run.rows], keys, values, run.mask))
+        own_keys, own_values = SlotCache.rows_of(keys, values, run.first, run.rows, run.length)
+        outputs.append(_sdpa(query[row : row + run.rows], own_keys, own_values, run.mask, scale, grouped))
         row += run.rows
     return outputs[0] if len(outputs) == 1 else torch.cat(outputs)
+
+
+@torch.library.custom_op("seebot::attend_by_runs", mutates_args=())
+def attend_by_runs(
+    query: torch.Tensor,
+    keys: torch.Tensor,
+    values: torch.Tensor,
+    rows: torch.Tensor,
+    positions: torch.Tensor,
+    scale: float,
+    grouped: bool,
+) -> torch.Tensor:
+    """``_by_runs`` over the runs of the step's ``rows`` (slots, in any order) at ``positions``;
+    the output in the step's order. An op of its own: a compiled step calls it as it is (its
+    runs change every step; in the graph, they would be a gather of every busy row)."""
+    slots, where = rows.tolist(), positions.tolist()
+    order = sorted(range(len(slots)), key=slots.__getitem__)
+    runs = runs_of([slots[i] for i in order], [where[i] for i in order])
+    if order == list(range(len(order))):
+        return _by_runs(query, keys, values, runs, scale, grouped)
+    index = torch.tensor(order, device=query.device)
+    output = _by_runs(query[index], keys, values, runs, scale, grouped)
+    return output[torch.argsort(index)]
+
+
+@attend_by_runs.register_fake
+def _(query: torch.Tensor, *_: object) -> torch.Tensor:
+    return torch.empty_like(query)
 
 
 def _chunk_in_two(

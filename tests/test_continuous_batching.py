@@ -335,8 +335,8 @@ async def test_one_busy_row_among_sixteen_slots_reads_one_rows_positions(
     reads: list[tuple[int, ...]] = []
 
     def recording(read: Any) -> Any:
-        def recording_read(self: SlotCache, *args: Any) -> Any:
-            keys, values = read(self, *args)
+        def recording_read(*args: Any) -> Any:
+            keys, values = read(*args)
             reads.append(tuple(keys.shape))
             return keys, values
 
@@ -344,7 +344,7 @@ async def test_one_busy_row_among_sixteen_slots_reads_one_rows_positions(
 
     # What decode steps read of the cache: gathered rows, or consecutive slots as a view.
     monkeypatch.setattr(SlotCache, "read", recording(SlotCache.read))
-    monkeypatch.setattr(SlotCache, "read_rows", recording(SlotCache.read_rows))
+    monkeypatch.setattr(SlotCache, "rows_of", staticmethod(recording(SlotCache.rows_of)))
     settings = settings_for(tiny_model_dir, max_batch_size=16, max_batch_tokens=16 * 256)
     request = ask(conversation(1), 10)
     async with running(settings) as engine:
@@ -364,32 +364,51 @@ async def test_one_busy_row_among_sixteen_slots_reads_one_rows_positions(
         assert engine.core.runner.last_decode_shape == (1, prompt + steps - 1)  # type: ignore[attr-defined]
 
 
-async def test_rows_in_slots_apart_read_their_own_slots_not_a_gather(
-    tiny_model_dir: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
+Reads = tuple[list[tuple[int, ...]], list[tuple[int, int]]]
+
+
+def record_cache_reads(monkeypatch: pytest.MonkeyPatch) -> Reads:
+    """What decode steps read of the cache from now on: the slots of each gather, and (first
+    slot, rows) of each view of consecutive slots."""
     gathered: list[tuple[int, ...]] = []
-    views: list[tuple[int, int]] = []  # (first slot, rows) of each decode read
-    read, read_rows = SlotCache.read, SlotCache.read_rows
+    views: list[tuple[int, int]] = []
+    read, rows_of = SlotCache.read, SlotCache.rows_of
 
     def recording_read(self: SlotCache, layer: int, rows: torch.Tensor, length: int) -> Any:
         gathered.append(tuple(rows.tolist()))
         return read(self, layer, rows, length)
 
-    def recording_read_rows(self: SlotCache, layer: int, first: int, rows: int, length: int) -> Any:
+    def recording_rows_of(keys: torch.Tensor, values: torch.Tensor, first: int, rows: int, *rest: int) -> Any:
         views.append((first, rows))
-        return read_rows(self, layer, first, rows, length)
+        return rows_of(keys, values, first, rows, *rest)
 
     monkeypatch.setattr(SlotCache, "read", recording_read)
-    monkeypatch.setattr(SlotCache, "read_rows", recording_read_rows)
-    # Slots 0, 1, 2; the middle answer ends first, and the other two decode in slots 0 and 2.
-    asked = [ask(conversation(0), 20), ask(conversation(0, words=3), 3), ask(conversation(0, words=6), 20)]
-    async with running(settings_for(tiny_model_dir)) as engine:
-        views.clear()
-        answers = await asyncio.gather(*(answer(engine, request) for request in asked))
-        assert list(answers) == [generate(engine, request) for request in asked]
-    assert not gathered  # eager on the CPU: never a copy of the busy rows' cache
+    monkeypatch.setattr(SlotCache, "rows_of", staticmethod(recording_rows_of))
+    return gathered, views
+
+
+def questions_in_slots_apart() -> list[GenerationRequest]:
+    """Slots 0, 1, 2; the middle answer ends first, and the other two decode in slots 0 and 2."""
+    return [ask(conversation(0), 20), ask(conversation(0, words=3), 3), ask(conversation(0, words=6), 20)]
+
+
+async def answer_in_slots_apart(engine: LocalEngine, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The questions in slots apart answer as ``generate`` does, each decode step reading views
+    of its runs of consecutive slots, never a gather of the busy rows' cache."""
+    gathered, views = record_cache_reads(monkeypatch)
+    asked = questions_in_slots_apart()
+    answers = await asyncio.gather(*(answer(engine, request) for request in asked))
+    assert list(answers) == [generate(engine, request) for request in asked]
+    assert not gathered
     assert (0, 3) in views  # all three together: one view of three slots
     assert (0, 1) in views and (2, 1) in views  # slots 0 and 2: a view of each
+
+
+async def test_rows_in_slots_apart_read_their_own_slots_not_a_gather(
+    tiny_model_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    async with running(settings_for(tiny_model_dir)) as engine:  # eager; compiled: test_warm_up.py
+        await answer_in_slots_apart(engine, monkeypatch)
 
 
 async def test_across_the_longrope_switch(longrope_dir: Path, caplog: pytest.LogCaptureFixture) -> None:

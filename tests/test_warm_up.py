@@ -1,7 +1,8 @@
 """The engine warms up before taking questions: compiled decoding (COMPILE=on, inductor on the
 CPU) runs every decode shape the settings allow at start-up and gives HF ``generate``'s
-answers, keeps its kernels on disk for the next start; a failing compile falls back to eager
-decoding with one log line; a model that cannot run at all fails the start with one line.
+answers, alone and batched, each row read in its own slot (no gather); keeps its kernels on
+disk for the next start; a failing compile falls back to eager decoding with one log line; a
+model that cannot run at all fails the start with one line.
 
 CPU, float32, the tiny native model with random weights, greedy.
 """
@@ -16,7 +17,14 @@ import torch
 
 from inference.engine import ModelLoadError
 from inference.runner import ModelRunner
-from tests.test_continuous_batching import answer, generate, requests, running, settings_for
+from tests.test_continuous_batching import (
+    answer,
+    answer_in_slots_apart,
+    generate,
+    requests,
+    running,
+    settings_for,
+)
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
 
@@ -28,27 +36,32 @@ def compile_cache(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
 
 
 async def test_compiled_decoding_warms_up_every_shape_and_answers_as_generate(
-    tiny_model_dir: Path, compile_cache: Path, caplog: pytest.LogCaptureFixture
+    tiny_model_dir: Path,
+    compile_cache: Path,
+    caplog: pytest.LogCaptureFixture,
+    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     caplog.set_level("INFO", logger="inference")
-    # One slot of 256 positions: one decode shape, one compile (tens of seconds on a small CPU).
+    # Three slots of 256 positions: one row, and any other number of rows (tens of seconds of
+    # compiling on a small CPU).
     settings = settings_for(
         tiny_model_dir,
         compile="on",
         compile_cache_dir=str(compile_cache),
-        max_batch_size=1,
-        max_batch_tokens=256,
+        max_batch_size=3,
+        max_batch_tokens=3 * 256,
     )
     asked = requests([12, 8, 10, 6, 9, 11])[:3]
     async with running(settings) as engine:  # returns once warmed up
-        assert "warmed up in" in caplog.text and "compiled decoding, 1 slot(s) x 256 tokens" in caplog.text
-        assert "1 decode shape(s)" in caplog.text
+        assert "warmed up in" in caplog.text and "compiled decoding, 3 slot(s) x 256 tokens" in caplog.text
+        assert "2 decode shape(s)" in caplog.text  # one row, and any other number (symbolic)
         assert engine.decoding == "compiled"
         kept = await asyncio.to_thread(lambda: any(compile_cache.rglob("*")))
         assert kept, "compiled kernels are kept in COMPILE_CACHE_DIR"
         expected = [generate(engine, request) for request in asked]
         assert [await answer(engine, request) for request in asked] == expected
         assert list(await asyncio.gather(*(answer(engine, request) for request in asked))) == expected
+        await answer_in_slots_apart(engine, monkeypatch)
 
 
 async def test_when_compiling_fails_it_decodes_eagerly(
