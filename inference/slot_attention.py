@@ -65,7 +65,8 @@ def decode_attention(
     cache.write_tokens(layer, rows, positions, key, value)
     if by_runs:
         keys, values = cache.keys[layer], cache.values[layer]
-        output = attend_by_runs(query, keys, values, rows, positions, module.scaling, _grouped(module))
+        attend = attend_by_runs if torch.compiler.is_compiling() else _attend_by_runs  # eager: no dispatch
+        output = attend(query, keys, values, rows, positions, module.scaling, _grouped(module))
     else:
         if first is None:
             keys, values = cache.read(layer, rows, length)
@@ -161,8 +162,7 @@ def _by_runs(
     return outputs[0] if len(outputs) == 1 else torch.cat(outputs)
 
 
-@torch.library.custom_op("seebot::attend_by_runs", mutates_args=())
-def attend_by_runs(
+def _attend_by_runs(
     query: torch.Tensor,
     keys: torch.Tensor,
     values: torch.Tensor,
@@ -172,8 +172,7 @@ def attend_by_runs(
     grouped: bool,
 ) -> torch.Tensor:
     """``_by_runs`` over the runs of the step's ``rows`` (slots, in any order) at ``positions``;
-    the output in the step's order. An op of its own: a compiled step calls it as it is (its
-    runs change every step; in the graph, they would be a gather of every busy row)."""
+    the output in the step's order."""
     slots, where = rows.tolist(), positions.tolist()
     order = sorted(range(len(slots)), key=slots.__getitem__)
     runs = runs_of([slots[i] for i in order], [where[i] for i in order])
@@ -182,6 +181,11 @@ def attend_by_runs(
     index = torch.tensor(order, device=query.device)
     output = _by_runs(query[index], keys, values, runs, scale, grouped)
     return output[torch.argsort(index)]
+
+
+# The same as an op of its own, which a compiled step calls as it is: its runs change every
+# step, and traced they would be a gather of every busy row. Eager calls the function itself.
+attend_by_runs = torch.library.custom_op("seebot::attend_by_runs", _attend_by_runs, mutates_args=())
 
 
 @attend_by_runs.register_fake
