@@ -109,7 +109,7 @@ class SlotCache:
         keys: torch.Tensor, values: torch.Tensor, first: int, rows: int, length: int
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """``read_rows`` of one layer's buffers (``keys``, ``values``): views, for attention that
-        is handed the buffers rather than the cache (the compiled CPU step's op)."""
+        is handed the buffers rather than the cache (``slot_attention.attend_by_runs``)."""
         end = first + rows
         return keys[first:end, :, :length], values[first:end, :, :length]
 
