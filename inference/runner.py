@@ -205,7 +205,7 @@ class ModelRunner:
         where = torch.tensor(positions, dtype=torch.long).to(self.device)
         windowed = self.window is not None and length > self.window
         if self.device.type == "cpu" and not windowed:  # runs of consecutive slots, no gather
-            logits = self._decode(ids, rows, where, None, runs=True)
+            logits = self._decode(ids, rows, where, None, by_runs=True)
         elif self.compile:
             logits = self._decode(ids, rows, where, decode_mask(where, length, self.window))
         else:  # eager: no mask when every row sees all ``length`` positions (one row always does)
@@ -223,15 +223,16 @@ class ModelRunner:
         mask: torch.Tensor | None,
         first: int | None = None,
         length: int | None = None,
-        runs: bool = False,
+        by_runs: bool = False,
     ) -> torch.Tensor:
-        """One token per row; ``length``: positions read (None: the mask's; ``runs``: each run
-        of consecutive slots its own, see ``decode_attention``). See ``_through_layers``."""
+        """One token per row; ``length``: positions read (None: the mask's; ``by_runs``: each
+        run of consecutive slots its own, see ``decode_attention``). See ``_through_layers``."""
         seen = length if length is not None else 0 if mask is None else mask.shape[-1]
 
         def attend(module: Any, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor) -> torch.Tensor:
+            cache = self.cache
             return decode_attention(
-                module, query, key, value, self.cache, rows, positions, seen, mask, first=first, by_runs=runs
+                module, query, key, value, cache, rows, positions, seen, mask, first=first, by_runs=by_runs
             )
 
         hidden = self._embed_tokens(ids)  # rows x 1 x hidden

@@ -364,14 +364,12 @@ async def test_one_busy_row_among_sixteen_slots_reads_one_rows_positions(
         assert engine.core.runner.last_decode_shape == (1, prompt + steps - 1)  # type: ignore[attr-defined]
 
 
-Reads = tuple[list[tuple[int, ...]], list[tuple[int, int]]]
-
-
-def record_cache_reads(monkeypatch: pytest.MonkeyPatch) -> Reads:
-    """What decode steps read of the cache from now on: the slots of each gather, and (first
-    slot, rows) of each view of consecutive slots."""
+async def answer_in_slots_apart(engine: LocalEngine, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Questions in slots 0, 1, 2 (the middle answer ends first, and the other two decode in
+    slots 0 and 2) answer as ``generate`` does, each decode step reading views of its runs of
+    consecutive slots, never a gather of the busy rows' cache."""
     gathered: list[tuple[int, ...]] = []
-    views: list[tuple[int, int]] = []
+    views: list[tuple[int, int]] = []  # (first slot, rows) of each view
     read, rows_of = SlotCache.read, SlotCache.rows_of
 
     def recording_read(self: SlotCache, layer: int, rows: torch.Tensor, length: int) -> Any:
@@ -384,19 +382,7 @@ def record_cache_reads(monkeypatch: pytest.MonkeyPatch) -> Reads:
 
     monkeypatch.setattr(SlotCache, "read", recording_read)
     monkeypatch.setattr(SlotCache, "rows_of", staticmethod(recording_rows_of))
-    return gathered, views
-
-
-def questions_in_slots_apart() -> list[GenerationRequest]:
-    """Slots 0, 1, 2; the middle answer ends first, and the other two decode in slots 0 and 2."""
-    return [ask(conversation(0), 20), ask(conversation(0, words=3), 3), ask(conversation(0, words=6), 20)]
-
-
-async def answer_in_slots_apart(engine: LocalEngine, monkeypatch: pytest.MonkeyPatch) -> None:
-    """The questions in slots apart answer as ``generate`` does, each decode step reading views
-    of its runs of consecutive slots, never a gather of the busy rows' cache."""
-    gathered, views = record_cache_reads(monkeypatch)
-    asked = questions_in_slots_apart()
+    asked = [ask(conversation(0), 20), ask(conversation(0, words=3), 3), ask(conversation(0, words=6), 20)]
     answers = await asyncio.gather(*(answer(engine, request) for request in asked))
     assert list(answers) == [generate(engine, request) for request in asked]
     assert not gathered
